@@ -15,8 +15,9 @@ MAX_TICKET_CHARS = 128
 """Meetch's limit for an item number."""
 
 MAX_FRAME_BYTES = 1024
-"""A frame longer than this cannot hold a valid ticket (128 characters of at most 4 bytes,
-an AIM identifier and some padding): the splitter drops it instead of growing memory."""
+"""A frame longer than this, terminator included, cannot hold a valid ticket (128 characters
+of at most 4 bytes, an AIM identifier and some padding): the splitter drops it instead of
+growing memory."""
 
 TERMINATORS = {"\r": b"\r", "\n": b"\n", "\r\n": b"\r\n"}
 
@@ -92,7 +93,9 @@ class FrameSplitter:
             if self._discarding:
                 self._discarding = False
                 continue
-            frames.append(OVERLONG if len(frame) > self._max else frame)
+            # Terminator included, so a frame is overlong whether or not a read boundary
+            # fell inside a multi-byte terminator (the check below sees its first byte).
+            frames.append(OVERLONG if len(frame) + len(term) > self._max else frame)
         if len(self._buffer) > self._max:
             if not self._discarding:
                 frames.append(OVERLONG)

@@ -151,8 +151,15 @@ def status(ctx: click.Context, config_file: Path | None, as_json: bool) -> None:
     show_default=True,
     help="Seconds the simulated night lasts.",
 )
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Not used: the demo writes its own config in a temporary directory.",
+)
 @handle_errors
-def demo(duration: float) -> None:
+def demo(duration: float, config_file: Path | None) -> None:
     """Run the whole pipeline on simulated scanners and a simulated Meetch.
 
     Two virtual serial scanners (pseudo-terminals) scan tickets, with duplicates,

@@ -56,7 +56,7 @@ class MeetchSettings:
     cancellations_poll_s: float = 300.0
     ca_file: str = ""
     retry_initial_s: float = 0.5
-    retry_max_s: float = 60.0
+    retry_max_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,9 @@ def _scanners(check: _Checker, items: list[Any]) -> tuple[ScannerSettings, ...]:
         where = f"scanners[{i}]"
         t = check.table(where, item)
         check.only_keys(where, t, allowed)
-        name = check.string(f"{where}.name", t.get("name"))
+        if "name" not in t:
+            check.fail(f"{where}.name", None, 'a unique name such as "north-1"')
+        name = check.string(f"{where}.name", t["name"])
         if not _NAME.fullmatch(name):
             check.fail(f"{where}.name", name, "letters, digits, '.', '_' or '-', at most 64")
         if name in seen:
@@ -219,7 +221,9 @@ def _scanners(check: _Checker, items: list[Any]) -> tuple[ScannerSettings, ...]:
         kind = check.string(f"{where}.kind", t.get("kind", "serial"))
         if kind not in SCANNER_KINDS:
             check.fail(f"{where}.kind", kind, " or ".join(f'"{k}"' for k in SCANNER_KINDS))
-        port = check.string(f"{where}.port", t.get("port"))
+        if "port" not in t:
+            check.fail(f"{where}.port", None, PORT_FORMS)
+        port = check.string(f"{where}.port", t["port"])
         if not (port.startswith("/") or "://" in port or _USB_PORT.fullmatch(port)):
             check.fail(f"{where}.port", port, PORT_FORMS)
         baud = check.integer(f"{where}.baudrate", t.get("baudrate", 9600))

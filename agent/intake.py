@@ -42,6 +42,11 @@ class Dedupe:
             self._seen[(scanner, ticket)] = now
             return False
 
+    def forget(self, scanner: str, ticket: str) -> None:
+        """Drop ``ticket``'s last read on ``scanner``: it was never committed."""
+        with self._lock:
+            self._seen.pop((scanner, ticket), None)
+
 
 class Intake:
     """Handles every frame from every scanner."""
@@ -73,7 +78,13 @@ class Intake:
             self._on_scan(scanner.name, "invalid")
             return scanner.bad_read
         outcome = "duplicate" if self.dedupe.is_repeat(scanner.name, frame.ticket) else "valid"
-        recorded = self.store.record_scan(scanner.name, frame.ticket, outcome, scanned_at)
+        try:
+            recorded = self.store.record_scan(scanner.name, frame.ticket, outcome, scanned_at)
+        except Exception:
+            if outcome == "valid":
+                # Not committed, so not acknowledged: the rescan must count as a first read.
+                self.dedupe.forget(scanner.name, frame.ticket)
+            raise
         self._on_scan(scanner.name, recorded.outcome)
         self._log(scanner, frame.ticket, recorded)
         if recorded.notification_created:

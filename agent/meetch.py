@@ -106,12 +106,13 @@ class MeetchClient:
         }
         if self.settings.organization_id:
             body["organization_id"] = self.settings.organization_id
-        headers = {**self._auth(), "Idempotency-Key": notice.scan_id}
+        key = self._key
+        headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": notice.scan_id}
         try:
             with self._http.stream(
                 "POST", self.settings.scan_path, json=body, headers=headers
             ) as response:
-                text = _read_capped(response)
+                text = _redact(_read_capped(response), key)
         except httpx.TimeoutException as exc:
             return Answer(Outcome.RETRY, None, f"timeout: {exc.__class__.__name__}")
         except httpx.HTTPError as exc:
@@ -151,12 +152,15 @@ class MeetchClient:
             return Answer(Outcome.RETRY, None, f"{exc.__class__.__name__}: {exc}"[:MAX_KEPT_BODY])
         if response.is_success:
             return Answer(Outcome.DELIVERED, response.status_code, "key accepted")
-        return classify(response.status_code, response.headers, response.text[:MAX_KEPT_BODY])
+        text = _redact(response.text, self._key)[:MAX_KEPT_BODY]
+        return classify(response.status_code, response.headers, text)
 
     def _get_json(self, path: str, params: dict[str, str | int]) -> dict[str, Any]:
+        key = self._key
+        headers = {"Authorization": f"Bearer {key}"}
         try:
-            with self._http.stream("GET", path, params=params, headers=self._auth()) as response:
-                text = _read_capped(response)
+            with self._http.stream("GET", path, params=params, headers=headers) as response:
+                text = _redact(_read_capped(response), key)
         except httpx.HTTPError as exc:
             raise DeliveryError(f"{path}: {exc.__class__.__name__}: {exc}") from None
         answer = classify(response.status_code, response.headers, text)
@@ -207,6 +211,11 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
+
+
+def _redact(text: str, key: str) -> str:
+    """``text`` without the API key: a proxy's error page may echo the request's headers."""
+    return text.replace(key, "[api key]") if key else text
 
 
 def _read_capped(response: httpx.Response) -> str:

@@ -2,10 +2,10 @@
 
 Oldest first, up to ``max_in_flight`` requests at once on keep-alive connections. Each
 notification backs off on its own (exponential, full jitter, capped), so one bad item never
-blocks the others. Three transient failures in a row mark the API ``offline``: then only
-one probe request is in flight at a time, spaced by the same backoff, and the first answer
-from Meetch brings everything back at full speed. A refused key (401/403) pauses all
-sending without touching the queue until the key changes.
+blocks the others. Three failures in a row (no answer, or a 5xx for three different items)
+mark the API ``offline``: then only one probe request is in flight at a time, spaced by the
+same backoff, and the first answer from Meetch brings everything back at full speed. A
+refused key (401/403) pauses all sending without touching the queue until the key changes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from agent.store import Notification, Store
 log = structlog.get_logger("agent.sender")
 
 OFFLINE_AFTER = 3
-"""Consecutive transient failures before the API counts as offline (one blip is not)."""
+"""Failures in a row before the API counts as offline (one blip, or one item failing on its
+own, is not)."""
 AUTH_RETRY_S = 300.0
 """While the key is refused, try again this often even if the key did not change."""
 IDLE_POLL_S = 2.0
@@ -105,7 +106,11 @@ class Sender:
         self._in_flight: set[str] = set()
         self._due: dict[str, tuple[float, int]] = {}  # scan_id -> (monotonic due, failures)
         self._gate_until = 0.0
-        self._consecutive = 0
+        # The outage detector: failures in a row with no answer, and distinct items that got
+        # a 5xx in a row. Any other answer from Meetch resets both.
+        self._no_answer = 0
+        self._failing_items: set[str] = set()
+        self._probe_failures = 0
         self._state = "unknown"
         self._auth_failed_at = 0.0
         self._woken = False
@@ -180,9 +185,10 @@ class Sender:
             if not slots:
                 return []
             now = self._now()
+            # Offline too: were the probe always the oldest item, one item that keeps
+            # failing on its own (a 500 for that ticket) would block the queue for good.
             skip = set(self._in_flight)
-            if self._state != "offline":  # offline: the global gate paces the one probe
-                skip |= {sid for sid, (due, _) in self._due.items() if due > now}
+            skip |= {sid for sid, (due, _) in self._due.items() if due > now}
         items = self.store.claim(self.owner, slots, self.lease_s, frozenset(skip))
         with self._cond:
             self._in_flight.update(i.scan_id for i in items)
@@ -280,10 +286,20 @@ class Sender:
             _, failures = self._due.get(item.scan_id, (0.0, 0))
             failures += 1
             due = now + self.backoff.delay(failures)
-            self._consecutive += 1
-            if self._consecutive >= OFFLINE_AFTER and self._state != "auth_failed":
-                self._set_state("offline")
-                probe = now + self.backoff.delay(self._consecutive - OFFLINE_AFTER + 1)
+            if answer.status is None or answer.status < 400:
+                # No answer, or a captive portal's: never the item's fault, always counts.
+                self._no_answer += 1
+            elif answer.status >= 500:
+                self._failing_items.add(item.scan_id)  # one item failing alone is not an outage
+            else:
+                self._no_answer, self._failing_items = 0, set()  # 408/425/429: Meetch is there
+            outage = self._no_answer + len(self._failing_items) >= OFFLINE_AFTER
+            if self._state != "auth_failed" and (outage or self._state == "offline"):
+                if self._state != "offline":
+                    self._set_state("offline")
+                    self._probe_failures = 0
+                self._probe_failures += 1
+                probe = now + self.backoff.delay(self._probe_failures)
                 self._gate_until = max(self._gate_until, probe)
             if answer.retry_after_s is not None:
                 # Meetch asked everyone to wait, not just this item.
@@ -302,7 +318,7 @@ class Sender:
     def _reachable(self, scan_id: str) -> None:
         with self._cond:
             self._due.pop(scan_id, None)
-            self._consecutive = 0
+            self._no_answer, self._failing_items = 0, set()
             if self._state != "online":
                 # The items failed because the API was away, not because of themselves.
                 self._due.clear()

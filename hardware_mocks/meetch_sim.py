@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
@@ -61,6 +61,7 @@ NO_ANSWER = 0
 """``RecordedRequest.status`` of a request cut by :meth:`SimulatedMeetch.go_offline`."""
 
 _MAX_BODY_BYTES = 1 << 20
+_MAX_DRAIN_BYTES = 64 << 20
 
 # How long go_offline()/stop() wait for handler threads before giving up on them. Every
 # blocking point in a handler is woken by go_offline, so this only matters for a bug.
@@ -441,26 +442,25 @@ class SimulatedMeetch:
                     answer = _json_answer(405, {"error": "method not allowed"}, (("Allow", "GET"),))
             else:
                 answer = _json_answer(404, {"error": "not found"})
-        self._finish(request, answer.status)
+            # Recorded under the same lock as the state change, so no waiter ever sees
+            # a ticket flagged by a request that is missing from `requests`.
+            recorded = self._record(request, answer.status)
+        if self._on_request is not None:
+            self._on_request(recorded)
         return answer
 
-    def _finish(self, request: RecordedRequest, status: int) -> RecordedRequest:
+    def _finish(self, request: RecordedRequest, status: int) -> None:
+        """Record a request answered (or cut) without asking _answer()."""
+        recorded = self._record(request, status)
+        if self._on_request is not None:
+            self._on_request(recorded)
+
+    def _record(self, request: RecordedRequest, status: int) -> RecordedRequest:
         with self._lock:
-            recorded = RecordedRequest(
-                request.method,
-                request.path,
-                request.query,
-                request.headers,
-                request.body,
-                request.json,
-                status,
-                request.at,
-            )
+            recorded = replace(request, status=status)
             self._state.requests.append(recorded)
             self._state.in_flight -= 1
             self._changed.notify_all()
-        if self._on_request is not None:
-            self._on_request(recorded)
         return recorded
 
     def _refused_key(self, request: RecordedRequest) -> _Answer | None:
@@ -563,7 +563,12 @@ def _parse_query(raw: str) -> dict[str, str]:
 
 
 class _BadRequest(Exception):
-    """The request cannot be read; answer 400 and close the connection."""
+    """The request body cannot be taken; answer ``status`` and maybe close the connection."""
+
+    def __init__(self, message: str, status: int = 400, *, close: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.close = close
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -595,13 +600,13 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
         except _BadRequest as exc:
-            # The rest of the stream cannot be trusted, so the connection goes too.
-            self.close_connection = True
+            # When the body was not read to its end, the stream is out of step: close it.
+            self.close_connection = self.close_connection or exc.close
             request = RecordedRequest(
                 self.command, path, query, headers, b"", None, NO_ANSWER, received
             )
             sim._received(request.method, request.path, None)
-            answer = _json_answer(400, {"error": str(exc)})
+            answer = _json_answer(exc.status, {"error": str(exc)})
             sim._finish(request, answer.status)
             self._write(answer)
             return
@@ -629,7 +634,15 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest(f"invalid Content-Length {length_text!r}")
         length = int(length_text)
         if length > _MAX_BODY_BYTES:
-            raise _BadRequest(f"body larger than {_MAX_BODY_BYTES} bytes")
+            # Read and drop it: closing with unread data makes the kernel send a reset,
+            # which can destroy our answer before the client reads it.
+            close = length > _MAX_DRAIN_BYTES
+            while not close and length > 0:
+                chunk = self.rfile.read(min(length, 1 << 16))
+                if not chunk:
+                    break
+                length -= len(chunk)
+            raise _BadRequest(f"body larger than {_MAX_BODY_BYTES} bytes", 413, close=close)
         return self.rfile.read(length)
 
     def _read_chunked(self) -> bytes:
@@ -648,7 +661,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return b"".join(chunks)
             total += size
             if total > _MAX_BODY_BYTES:
-                raise _BadRequest(f"body larger than {_MAX_BODY_BYTES} bytes")
+                raise _BadRequest(f"body larger than {_MAX_BODY_BYTES} bytes", 413)
             chunks.append(self.rfile.read(size))
             self.rfile.readline(1024)
 

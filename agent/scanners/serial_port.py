@@ -70,6 +70,7 @@ class SerialScanner:
         self._max = reconnect_max_s
         self._stop = threading.Event()
         self._port: serial.SerialBase | None = None
+        self._connected = False
         self._thread = threading.Thread(
             target=self._run, name=f"scanner-{settings.name}", daemon=True
         )
@@ -94,43 +95,61 @@ class SerialScanner:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        name = self.settings.name
         failures = 0
         last_error: str | None = None
         while not self._stop.is_set():
             try:
-                device = resolve_port(self.settings.port)
-                port = serial.serial_for_url(
-                    device,
-                    baudrate=self.settings.baudrate,
-                    timeout=READ_TIMEOUT_S,
-                    write_timeout=1.0,
-                    exclusive=True,
-                )
-            except (serial.SerialException, OSError, ValueError, ScannerError) as exc:
-                failures += 1
-                reason = _describe(self.settings.port, exc)
-                if reason != last_error:
-                    # Log a change, not every retry: an unplugged scanner must not flood logs.
-                    log.warning("scanner_unavailable", scanner=name, error=reason)
-                    self._on_state(self.settings, False, reason)
-                    last_error = reason
-                self._stop.wait(min(self._max, self._initial * 2 ** min(failures - 1, 16)))
-                continue
-            failures, last_error = 0, None
+                error = self._session()
+            except Exception as exc:  # whatever pyserial or termios throws, the reader lives on
+                log.exception("scanner_reader_error", scanner=self.settings.name)
+                error = _describe(self.settings.port, exc)
+            if error is None:  # stopped
+                break
+            if self._connected:  # it worked for a while: a fresh problem, reported afresh
+                self._connected = False
+                failures, last_error = 0, None
+            failures = failures + 1 if error == last_error else 1
+            if error != last_error:
+                # Log a change, not every retry: an unplugged scanner must not flood logs.
+                log.warning("scanner_unavailable", scanner=self.settings.name, error=error)
+                self._report(False, error)
+                last_error = error
+            self._stop.wait(min(self._max, self._initial * 2 ** min(failures - 1, 16)))
+        self._report(False, "agent stopped")
+
+    def _session(self) -> str | None:
+        """Open the port and read it; returns why it ended (None: asked to stop)."""
+        try:
+            device = resolve_port(self.settings.port)
+            port = serial.serial_for_url(
+                device,
+                baudrate=self.settings.baudrate,
+                timeout=READ_TIMEOUT_S,
+                write_timeout=1.0,
+                exclusive=True,
+            )
+        except (serial.SerialException, OSError, ValueError, ScannerError) as exc:
+            return _describe(self.settings.port, exc)
+        try:
             self._port = port
-            log.info("scanner_connected", scanner=name, port=self.settings.port, device=device)
-            self._on_state(self.settings, True, None)
-            error: str | None = self._read(port)
+            self._connected = True
+            log.info(
+                "scanner_connected",
+                scanner=self.settings.name,
+                port=self.settings.port,
+                device=device,
+            )
+            self._report(True, None)
+            return self._read(port)
+        finally:
             self._port = None
             port.close()
-            if error is not None:
-                log.warning("scanner_disconnected", scanner=name, error=error)
-                self._on_state(self.settings, False, error)
-                last_error = error
-                failures = 1
-                self._stop.wait(self._initial)
-        self._on_state(self.settings, False, "agent stopped")
+
+    def _report(self, connected: bool, error: str | None) -> None:
+        try:
+            self._on_state(self.settings, connected, error)
+        except Exception:  # a status write failing must not stop the scanner being read
+            log.exception("scanner_state_report_failed", scanner=self.settings.name)
 
     def _read(self, port: serial.SerialBase) -> str | None:
         """Read frames until stopped (None) or the port fails (the error)."""

@@ -185,13 +185,14 @@ def test_chunked_body_is_read(sim: SimulatedMeetch, client: httpx.Client) -> Non
     assert sim.requests[0].body == b"".join(parts)
 
 
-def test_unreadable_body_is_400_and_recorded(sim: SimulatedMeetch, client: httpx.Client) -> None:
-    """A body over 1 MiB gets 400, is recorded, and the connection is closed."""
-    response = client.post(SCAN, content=b"x" * (1 << 20 + 1))
+def test_oversized_body_is_413_and_recorded(sim: SimulatedMeetch, client: httpx.Client) -> None:
+    """A body over 1 MiB gets 413 and is recorded; the connection stays usable."""
+    response = client.post(SCAN, content=b"x" * ((1 << 20) + 1))
 
-    assert response.status_code == 400
-    assert response.headers["connection"] == "close"
-    assert [r.status for r in sim.requests] == [400]
+    assert response.status_code == 413
+    assert scan(client, "000001").status_code == 201
+    assert [r.status for r in sim.requests] == [413, 201]
+    assert sim.connections_accepted == 1
 
 
 def test_canned_faults_come_first_in_order(sim: SimulatedMeetch, client: httpx.Client) -> None:
