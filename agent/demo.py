@@ -184,6 +184,7 @@ def _night(
             if t >= scanning_ends and (pending == 0 or t >= duration):
                 break
             time.sleep(0.15)
+    console.print()
     return tally
 
 
