@@ -7,6 +7,7 @@
     ├── ScannerError            a scanner cannot be found, opened or read
     ├── StoreError              the SQLite queue cannot be opened or written
     ├── DeliveryError           Meetch cannot be reached or refuses us
+    ├── DataError               a file given to the agent (an import) is malformed (exit 65)
     └── NotAvailableYet         a contract verb or key that this version does not build yet
 
 Library code raises these; only ``cli.py`` turns them into messages and exit codes.
@@ -33,6 +34,10 @@ class StoreError(AgentError):
 
 class DeliveryError(AgentError):
     """Meetch cannot be reached or refuses the agent."""
+
+
+class DataError(AgentError):
+    """A file handed to the agent, such as a queue import, is malformed."""
 
 
 class NotAvailableYet(AgentError):

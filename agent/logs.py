@@ -54,14 +54,14 @@ def configure(
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=False),
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact_processor,
     ]
     renderer: list[Any]
     if json:
         renderer = [
             structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(),
+            structlog.processors.JSONRenderer(ensure_ascii=False),
             _scrub_rendered,
         ]
     else:

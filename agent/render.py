@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from agent.flush import FlushResult
+    from agent.store import Notification
+
+
+def _table(console: Console, *columns: str) -> Table:
+    """A boxed table on a terminal; plain aligned columns when piped (grep-friendly)."""
+    if console.is_terminal:
+        return Table(*columns)
+    return Table(*columns, box=None, pad_edge=False, header_style="")
 
 
 def human_age(seconds: float | None) -> str:
@@ -59,7 +80,7 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
         table.add_row(key, str(value))
     console.print(table)
     if report["scanners"]:
-        scanners = Table("scanner", "connected", "last scan", "port / problem")
+        scanners = _table(console, "scanner", "connected", "last scan", "port / problem")
         for s in report["scanners"]:
             scanners.add_row(
                 s["name"],
@@ -70,3 +91,60 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
         console.print(scanners)
     else:
         console.print("no scanners configured")
+
+
+@contextmanager
+def flush_progress(console: Console | None = None) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar (count, rate, ETA) on a terminal; nothing when piped."""
+    console = console or Console(stderr=True)
+    if not console.is_terminal:
+        yield None
+        return
+    columns = (
+        TextColumn("flushing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("flush", total=None, rate="")
+        started = time.monotonic()
+
+        def update(done: int, total: int) -> None:
+            elapsed = max(time.monotonic() - started, 1e-6)
+            bar.update(task, completed=done, total=total, rate=f"{done / elapsed:.1f}/s")
+
+        yield update
+
+
+def print_flush(result: FlushResult, console: Console | None = None) -> None:
+    """The per-state summary at the end of a flush."""
+    console = console or Console()
+    gained = {s: result.after[s] - result.before[s] for s in ("delivered", "unknown", "rejected")}
+    console.print(
+        f"flushed in {result.elapsed_s:.1f} s: {gained['delivered']} delivered, "
+        f"{gained['unknown']} unknown, {gained['rejected']} rejected; "
+        f"{result.pending} still pending"
+    )
+    if result.reason:
+        console.print(f"not everything was sent: {result.reason}")
+
+
+def print_notifications(items: list[Notification], console: Console | None = None) -> None:
+    """``queue list`` for a person."""
+    console = console or Console()
+    if not items:
+        console.print("no notifications")
+        return
+    table = _table(console, "scanned at", "ticket", "state", "tries", "scanner", "last error")
+    for n in items:
+        table.add_row(
+            n.scanned_at,
+            n.ticket,
+            n.state,
+            str(n.attempts),
+            n.scanner,
+            (n.last_error or "")[:80],
+        )
+    console.print(table)

@@ -90,6 +90,7 @@ class Sender:
         key_source: Callable[[], str] | None = None,
         now: Callable[[], float] = time.monotonic,
         on_attempt: Callable[[str, Notification, Answer], None] | None = None,
+        publish_state: bool = True,
     ) -> None:
         self.store = store
         self.client = client
@@ -102,10 +103,12 @@ class Sender:
         self._key_source = key_source
         self._now = now
         self._on_attempt = on_attempt
+        self._publish_state = publish_state  # the daemon's view goes to status; a flush's not
         self._cond = threading.Condition()
         self._in_flight: set[str] = set()
         self._due: dict[str, tuple[float, int]] = {}  # scan_id -> (monotonic due, failures)
         self._gate_until = 0.0
+        self._rate_limited_until = 0.0  # Retry-After: holds even once Meetch answers again
         # The outage detector: failures in a row with no answer, and distinct items that got
         # a 5xx in a row. Any other answer from Meetch resets both.
         self._no_answer = 0
@@ -126,7 +129,12 @@ class Sender:
         if state != self._state:
             log.info("api_state_changed", old=self._state, new=state)
             self._state = state
-            self.store.set_meta("api_state", state)
+            if self._publish_state:
+                self.store.set_meta("api_state", state)
+
+    def rate_limited_for(self) -> float:
+        """Seconds Meetch still asked us to wait (``Retry-After``), 0 when not limited."""
+        return max(0.0, self._rate_limited_until - self._now())
 
     def wake(self) -> None:
         """A new notification is queued: send it now rather than at the next poll."""
@@ -150,7 +158,8 @@ class Sender:
 
     def run(self, stop: threading.Event) -> None:
         """Deliver until ``stop`` is set, then let in-flight requests finish."""
-        self.store.set_meta("api_state", self._state)
+        if self._publish_state:
+            self.store.set_meta("api_state", self._state)
         with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="send") as pool:
             while not stop.is_set():
                 self._check_key()
@@ -305,6 +314,7 @@ class Sender:
                 # Meetch asked everyone to wait, not just this item.
                 wait = min(answer.retry_after_s, MAX_RETRY_AFTER_S)
                 self._gate_until = max(self._gate_until, now + wait)
+                self._rate_limited_until = max(self._rate_limited_until, now + wait)
                 due = max(due, now + wait)
             self._due[item.scan_id] = (due, failures)
         log.info(
@@ -322,7 +332,7 @@ class Sender:
             if self._state != "online":
                 # The items failed because the API was away, not because of themselves.
                 self._due.clear()
-                self._gate_until = 0.0
+                self._gate_until = self._rate_limited_until
             self._set_state("online")
 
 

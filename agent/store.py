@@ -31,6 +31,19 @@ import sqlite_utils
 from agent.errors import StoreError
 
 STATES = ("pending", "delivered", "unknown", "rejected")
+EXPORT_FIELDS = (
+    "scan_id",
+    "ticket",
+    "state",
+    "scanner",
+    "device_id",
+    "scanned_at",
+    "attempts",
+    "last_error",
+    "http_status",
+    "delivered_at",
+)
+"""What ``queue export`` writes for each notification, in this order."""
 OUTCOMES = ("valid", "duplicate", "invalid", "refunded")
 BUSY_TIMEOUT_MS = 10_000
 
@@ -121,6 +134,7 @@ class Store:
         self.device_id = device_id
         self._wall = wall
         self._lock = threading.RLock()
+        conn: sqlite3.Connection | None = None
         try:
             _prepare_files(path)
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
@@ -130,7 +144,16 @@ class Store:
             self.db.execute("PRAGMA synchronous = FULL")
             self._migrate()
             _match_owner(path)
-        except sqlite3.DatabaseError as exc:
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, OSError):
+                raise StoreError(
+                    f"queue database {path}: {exc.strerror or exc} (run as the agent's user, "
+                    "e.g. sudo -u meetch-gate, or check state_dir)"
+                ) from exc
+            if not isinstance(exc, sqlite3.DatabaseError):
+                raise
             raise StoreError(f"queue database {path}: {exc}") from exc
 
     @classmethod
@@ -343,6 +366,77 @@ class Store:
         """The notification of ``ticket``, if any."""
         rows = self._rows("SELECT * FROM notifications WHERE ticket = ?", [ticket])
         return _notification(rows[0]) if rows else None
+
+    # -- technician verbs -------------------------------------------------------------
+
+    def export_rows(self) -> Iterator[dict[str, Any]]:
+        """Every notification, oldest first, in the export format (EXPORT_FIELDS)."""
+        cols = ", ".join(EXPORT_FIELDS)
+        with self._lock:
+            rows = self.db.conn.execute(f"SELECT {cols} FROM notifications ORDER BY id")  # noqa: S608
+            names = [d[0] for d in rows.description]
+            fetched = rows.fetchall()
+        for row in fetched:
+            yield dict(zip(names, row, strict=True))
+
+    def import_rows(self, rows: Sequence[dict[str, Any]]) -> tuple[int, int]:
+        """Merge validated export rows in one transaction; returns (added, already known).
+
+        A row is already known when its scan id is here, or when its ticket is here under
+        another scan id (Meetch hears about a ticket once).
+        """
+        now = self._wall()
+        added = 0
+        with self._write():
+            for r in rows:
+                cursor = self.db.execute(
+                    "INSERT OR IGNORE INTO notifications (scan_id, ticket, scanner, device_id,"
+                    " scanned_at, state, attempts, last_error, http_status, delivered_at,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        r["scan_id"],
+                        r["ticket"],
+                        r["scanner"],
+                        r["device_id"],
+                        r["scanned_at"],
+                        r["state"],
+                        r["attempts"],
+                        r["last_error"],
+                        r["http_status"],
+                        r["delivered_at"],
+                        now,
+                        now,
+                    ),
+                )
+                added += cursor.rowcount
+        return added, len(rows) - added
+
+    def retry(self, *, state: str | None = None, tickets: Sequence[str] = ()) -> int:
+        """Put ``unknown``/``rejected`` notifications (all of ``state``, or ``tickets``) back
+        to ``pending``; returns how many."""
+        sql = (
+            "UPDATE notifications SET state = 'pending', lease_owner = NULL, lease_until = NULL,"
+            " updated_at = ? WHERE state IN ('unknown', 'rejected')"
+        )
+        params: list[Any] = [self._wall()]
+        if state:
+            sql += " AND state = ?"
+            params.append(state)
+        if tickets:
+            sql += f" AND ticket IN ({', '.join('?' * len(tickets))})"
+            params.extend(tickets)
+        with self._write():
+            return int(self.db.execute(sql, params).rowcount)
+
+    def purge_delivered(self, before_epoch: float) -> int:
+        """Delete ``delivered`` notifications finished before ``before_epoch``; returns how
+        many. Nothing else is ever deleted."""
+        with self._write():
+            cursor = self.db.execute(
+                "DELETE FROM notifications WHERE state = 'delivered' AND updated_at < ?",
+                (before_epoch,),
+            )
+            return int(cursor.rowcount)
 
     # -- status -----------------------------------------------------------------------
 

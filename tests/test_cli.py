@@ -34,11 +34,12 @@ def test_every_contract_verb_exists() -> None:
 
 @pytest.mark.parametrize("path", all_commands(), ids=" ".join)
 def test_every_command_has_help_and_accepts_config(path: list[str]) -> None:
-    """Each command answers --help with text and takes --config."""
+    """Each command answers --help with an example of itself and takes --config."""
     result = CliRunner().invoke(main, [*path, "--help"])
     assert result.exit_code == 0
     assert "--config" in result.output
-    assert len(result.output.splitlines()) > 3
+    assert "Example" in result.output
+    assert f"meetch-gate {' '.join(path)}" in result.output
 
 
 def test_version() -> None:
@@ -46,25 +47,6 @@ def test_version() -> None:
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0
     assert __version__ in result.output
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["flush"],
-        ["doctor", "--json"],
-        ["scanners"],
-        ["queue", "list", "--state", "pending"],
-        ["queue", "export", "-o", "x.jsonl"],
-        ["queue", "purge", "--delivered-before", "30d"],
-    ],
-    ids=" ".join,
-)
-def test_verbs_not_built_yet_say_so(args: list[str]) -> None:
-    """A verb not built yet fails loudly with 'not available yet', never silently."""
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 69
-    assert "not available yet" in result.output
 
 
 def test_status_json_without_database(config_writer: ConfigWriter) -> None:

@@ -102,7 +102,7 @@ class SerialScanner:
                 error = self._session()
             except Exception as exc:  # whatever pyserial or termios throws, the reader lives on
                 log.exception("scanner_reader_error", scanner=self.settings.name)
-                error = _describe(self.settings.port, exc)
+                error = describe_port_error(self.settings.port, exc)
             if error is None:  # stopped
                 break
             if self._connected:  # it worked for a while: a fresh problem, reported afresh
@@ -129,7 +129,7 @@ class SerialScanner:
                 exclusive=True,
             )
         except (serial.SerialException, OSError, ValueError, ScannerError) as exc:
-            return _describe(self.settings.port, exc)
+            return describe_port_error(self.settings.port, exc)
         try:
             self._port = port
             self._connected = True
@@ -161,7 +161,7 @@ class SerialScanner:
                 if data and waiting:
                     data += port.read(waiting)
             except (serial.SerialException, OSError) as exc:
-                return _describe(self.settings.port, exc)
+                return describe_port_error(self.settings.port, exc)
             except TypeError:  # pyserial on a port closed by cancel_read/stop
                 return None if self._stop.is_set() else "port closed"
             if not data:
@@ -172,7 +172,7 @@ class SerialScanner:
                     try:
                         port.write(feedback)
                     except (serial.SerialException, OSError) as exc:
-                        return _describe(self.settings.port, exc)
+                        return describe_port_error(self.settings.port, exc)
         return None
 
     def _handle(self, frame: bytes) -> bytes:
@@ -184,7 +184,8 @@ class SerialScanner:
             return b""
 
 
-def _describe(port: str, exc: BaseException) -> str:
+def describe_port_error(port: str, exc: BaseException) -> str:
+    """A technician's reading of why ``port`` could not be opened or read."""
     text = str(exc)
     if "exclusively lock" in text or "Resource temporarily unavailable" in text:
         return f"{port} is held by another process (fuser {port})"
