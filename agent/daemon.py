@@ -7,6 +7,7 @@ let in-flight requests finish, exit 0. SIGHUP: reload the config and the API key
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import random
@@ -19,22 +20,28 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 import structlog
 
 from agent import __version__, logs
+from agent.clock import CachedClockState
 from agent.config import Config, ScannerSettings, load_api_key, load_config
 from agent.errors import AgentError, StoreError
 from agent.intake import Dedupe, Intake
 from agent.meetch import MeetchClient
 from agent.refunds import RefundPoller
+from agent.runtime import RuntimeFile
+from agent.salvage import open_or_salvage
 from agent.scanners import ScannerReader, make_reader
 from agent.sender import Backoff, Sender
 from agent.status import HEARTBEAT_S, LOCK_NAME
 from agent.store import Store
 
 log = structlog.get_logger("agent.daemon")
+
+TICK_S = 1.0
+"""How often the main loop looks at held scans and the runtime report."""
 
 
 class Daemon:
@@ -60,6 +67,7 @@ class Daemon:
         self.sender: Sender | None = None
         self.intake: Intake | None = None
         self._lock_file: IO[bytes] | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- start and stop ---------------------------------------------------------------
 
@@ -69,7 +77,10 @@ class Daemon:
         key = load_api_key(config.meetch, self.env)  # a missing key is a config error: 78
         logs.redact(key.value)
         self._take_lock(config.agent.state_dir)
-        store = self.store = Store(config.db_path, device_id=config.agent.device_id)
+        _warn_if_key_file_is_loose(key.source)
+        store, _ = open_or_salvage(config.db_path, device_id=config.agent.device_id)
+        self.store = store
+        self.runtime = RuntimeFile(config.agent.state_dir)
         client = MeetchClient(config.meetch, key.value)
         sender = self.sender = Sender(
             store,
@@ -83,7 +94,12 @@ class Daemon:
             api_key=key.value,
             key_source=lambda: load_api_key(self.config.meetch, self.env).value,
         )
-        self.intake = Intake(store, Dedupe(config.agent.dedupe_window_s), on_queued=sender.wake)
+        self.intake = Intake(
+            store,
+            Dedupe(config.agent.dedupe_window_s),
+            on_queued=sender.wake,
+            clock_synced=CachedClockState(),
+        )
         started_at = _now_rfc3339()
         if config.agent.metrics_listen:
             log.warning(
@@ -109,6 +125,7 @@ class Daemon:
             api_key_source=key.source,
         )
         self._beat(started_at, running=True)
+        self._threads = threads
         for t in threads:
             t.start()
         self._start_readers(config.scanners)
@@ -127,14 +144,16 @@ class Daemon:
             self._beat(started_at, running=False)
             client.close()
             store.close()
+            self.runtime.close()
             self._restore_signals()
             log.info("agent_stopped")
         return 0
 
     def _loop(self, started_at: str) -> None:
         next_beat = time.monotonic() + HEARTBEAT_S
+        reported: dict[str, Any] | None = None
         while not self.stop_event.is_set():
-            self._wait(max(0.0, next_beat - time.monotonic()))
+            self._wait(max(0.0, min(TICK_S, next_beat - time.monotonic())))
             while self._signals:
                 signum = self._signals.pop(0)
                 if signum == signal.SIGHUP:
@@ -142,9 +161,19 @@ class Daemon:
                 else:
                     log.info("signal_received", signal=signal.Signals(signum).name)
                     self.stop_event.set()
+            assert self.intake is not None
+            if self.intake.health.state != "ok":
+                self.intake.retry_held()  # the disk may have room again
+            health = dataclasses.asdict(self.intake.health)
+            if health != reported:
+                self.runtime.write({"pid": os.getpid(), "store": health})
+                reported = health
             if time.monotonic() >= next_beat:
                 self._beat(started_at, running=True)
-                _sd_notify("WATCHDOG=1")
+                if all(t.is_alive() for t in self._threads):
+                    _sd_notify("WATCHDOG=1")
+                else:  # a dead worker: let systemd's watchdog restart us rather than limp on
+                    log.critical("worker_thread_died", threads=[t.name for t in self._threads])
                 next_beat = time.monotonic() + HEARTBEAT_S
 
     def _wait(self, timeout: float) -> None:
@@ -282,6 +311,24 @@ class Daemon:
                 f"{state_dir} is in use by another meetch-gate run (systemctl status meetch-gate)"
             ) from None
         self._lock_file = fh
+
+
+def _warn_if_key_file_is_loose(source: str) -> None:
+    """A key file others can read is a leak waiting to happen: say so at every start."""
+    path = Path(source)
+    if not path.is_absolute():
+        return  # from the environment
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning(
+            "api_key_file_readable_by_others",
+            path=source,
+            mode=f"{mode:04o}",
+            hint=f"chmod 600 {source}",
+        )
 
 
 def _thread(

@@ -14,15 +14,12 @@ unreachable, a scanner missing); ``warn`` means it works but something deserves 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import shutil
 import sqlite3
 import ssl
 import stat
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,11 +31,13 @@ import serial
 from rich.console import Console
 from rich.text import Text
 
+from agent.clock import system_clock_synchronised
 from agent.config import API_KEY_ENV, ApiKey, Config, ScannerSettings, load_api_key
 from agent.errors import ConfigError, ScannerError, StoreError
 from agent.meetch import MeetchClient, Outcome
+from agent.runtime import read_runtime
 from agent.scanners.serial_port import describe_port_error, resolve_port
-from agent.status import daemon_lock_held
+from agent.status import ALARMS_KEY, daemon_lock_held
 from agent.store import Store
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -50,10 +49,6 @@ SLOW_COMMIT_MS = 50.0
 """Above this median, every scan waits noticeably for its fsync: a worn or cheap SD card."""
 DISK_FAIL_BYTES = 20 * 1024 * 1024
 DISK_WARN_BYTES = 200 * 1024 * 1024
-TIME_ERROR = 5
-"""adjtimex(2)'s return value when the kernel clock is not synchronised."""
-_TIMEX_BUFFER = 512
-"""Larger than ``struct timex`` on every Linux ABI (208 bytes on 64-bit)."""
 
 _STYLES = {PASS: "green", WARN: "yellow", FAIL: "bold red"}
 
@@ -95,6 +90,8 @@ def run_checks(
         with _guard(checks, "database"):
             store, check = _check_database(config)
             checks.append(check)
+        with _guard(checks, "queue_writes"):
+            checks.append(_check_queue_writes(config, store))
         with _guard(checks, "commit_latency"):
             checks.append(_check_commit_latency(config.agent.state_dir))
         with _guard(checks, "disk_space"):
@@ -113,6 +110,39 @@ def run_checks(
     # Defence in depth: an error text (a proxy echoing headers, say) must not carry the
     # key to a terminal, a ticket or a pasted log.
     return [_tidy(c, key.value if key is not None else "") for c in checks]
+
+
+def _check_queue_writes(config: Config, store: Store | None) -> Check:
+    """Is the running daemon committing scans, and was a damaged database salvaged lately?"""
+    running = daemon_lock_held(config.agent.state_dir) is True
+    health = read_runtime(config.agent.state_dir).get("store") if running else None
+    if isinstance(health, dict) and health.get("state", "ok") != "ok":
+        return Check(
+            "queue_writes",
+            FAIL,
+            f"the agent cannot commit scans since {health.get('since')}: "
+            f"{health.get('held', 0)} held in memory, {health.get('dropped', 0)} dropped",
+            "free space in the state directory (df -h); held scans are written within a second",
+        )
+    alarms = store.get_meta(ALARMS_KEY) if store is not None else None
+    if alarms:
+        return Check(
+            "queue_writes",
+            WARN,
+            f"last alarm {alarms[-1].get('at')}: {alarms[-1].get('detail')}",
+            "keep the .corrupt- file for analysis and plan to replace the SD card",
+        )
+    dropped = health.get("dropped", 0) if isinstance(health, dict) else 0
+    if dropped:
+        return Check(
+            "queue_writes",
+            WARN,
+            f"{dropped} scans were dropped while the disk was full",
+            "keep free space in the state directory",
+        )
+    return Check(
+        "queue_writes", PASS, "scans are being committed" if running else "agent not running"
+    )
 
 
 def print_checks(checks: list[Check], console: Console | None = None) -> None:
@@ -137,27 +167,6 @@ def checks_json(checks: list[Check]) -> dict[str, Any]:
         "ok": all(c.status != FAIL for c in checks),
         "checks": [asdict(c) for c in checks],
     }
-
-
-def system_clock_synchronised() -> bool | None:
-    """Whether the kernel says the clock is synchronised (NTP); None when it cannot be told.
-
-    adjtimex(2) with ``modes = 0`` only reads, so it needs no privilege; it returns
-    TIME_ERROR while the kernel's STA_UNSYNC flag is set, which is what chrony and
-    systemd-timesyncd clear once they have synchronised.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        # Zeroed, so ``modes`` (the first field) is 0: read-only.
-        buffer = ctypes.create_string_buffer(_TIMEX_BUFFER)
-        state = int(libc.adjtimex(buffer))
-    except (OSError, AttributeError):
-        return None
-    if state < 0:
-        return None
-    return state != TIME_ERROR
 
 
 # -- the checks ---------------------------------------------------------------------------

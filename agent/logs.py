@@ -13,6 +13,7 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 _secrets: set[str] = set()
 
@@ -27,6 +28,10 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         for secret in _secrets:
             value = value.replace(secret, "[redacted]")
+    elif isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    elif isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
     return value
 
 
@@ -58,14 +63,23 @@ def configure(
         _redact_processor,
     ]
     renderer: list[Any]
+    # Tracebacks without local variables: a frame holding the key (or its headers) would
+    # be printed cut to 80 characters, a prefix of a long key that no redaction matches.
     if json:
         renderer = [
-            structlog.processors.dict_tracebacks,
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+            _redact_processor,  # the structured traceback, before JSON escaping hides a key
             structlog.processors.JSONRenderer(ensure_ascii=False),
             _scrub_rendered,
         ]
     else:
-        renderer = [structlog.dev.ConsoleRenderer(colors=out.isatty()), _scrub_rendered]
+        # Plain: a rich traceback wraps long lines, and a key cut in two escapes redaction.
+        renderer = [
+            structlog.dev.ConsoleRenderer(
+                colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+            ),
+            _scrub_rendered,
+        ]
     structlog.configure(
         processors=shared + renderer,
         wrapper_class=structlog.make_filtering_bound_logger(

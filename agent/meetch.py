@@ -107,6 +107,9 @@ class MeetchClient:
         if self.settings.organization_id:
             body["organization_id"] = self.settings.organization_id
         key = self._key
+        problem = _key_problem(key)
+        if problem is not None:
+            return Answer(Outcome.AUTH_FAILED, None, problem)
         headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": notice.scan_id}
         try:
             with self._http.stream(
@@ -116,7 +119,7 @@ class MeetchClient:
         except httpx.TimeoutException as exc:
             return Answer(Outcome.RETRY, None, f"timeout: {exc.__class__.__name__}")
         except httpx.HTTPError as exc:
-            return Answer(Outcome.RETRY, None, f"{exc.__class__.__name__}: {exc}"[:MAX_KEPT_BODY])
+            return Answer(Outcome.RETRY, None, _error_text(exc, key))
         return classify(response.status_code, response.headers, text)
 
     def cancellations(self, since: str | None) -> list[tuple[str, str]]:
@@ -142,6 +145,9 @@ class MeetchClient:
 
     def check_auth(self) -> Answer:
         """A cheap authenticated request: is Meetch reachable and the key accepted?"""
+        problem = _key_problem(self._key)
+        if problem is not None:
+            return Answer(Outcome.AUTH_FAILED, None, problem)
         try:
             response = self._http.get(
                 self.settings.cancellations_path,
@@ -149,7 +155,7 @@ class MeetchClient:
                 headers=self._auth(),
             )
         except httpx.HTTPError as exc:
-            return Answer(Outcome.RETRY, None, f"{exc.__class__.__name__}: {exc}"[:MAX_KEPT_BODY])
+            return Answer(Outcome.RETRY, None, _error_text(exc, self._key))
         if response.is_success:
             return Answer(Outcome.DELIVERED, response.status_code, "key accepted")
         text = _redact(response.text, self._key)[:MAX_KEPT_BODY]
@@ -157,12 +163,15 @@ class MeetchClient:
 
     def _get_json(self, path: str, params: dict[str, str | int]) -> dict[str, Any]:
         key = self._key
+        problem = _key_problem(key)
+        if problem is not None:
+            raise DeliveryError(f"{path}: {problem}")
         headers = {"Authorization": f"Bearer {key}"}
         try:
             with self._http.stream("GET", path, params=params, headers=headers) as response:
                 text = _redact(_read_capped(response), key)
         except httpx.HTTPError as exc:
-            raise DeliveryError(f"{path}: {exc.__class__.__name__}: {exc}") from None
+            raise DeliveryError(f"{path}: {_error_text(exc, key)}") from None
         answer = classify(response.status_code, response.headers, text)
         if answer.outcome is not Outcome.DELIVERED or response.status_code == 409:
             raise DeliveryError(f"{path}: HTTP {response.status_code}: {answer.detail}")
@@ -179,11 +188,21 @@ def classify(status: int, headers: httpx.Headers, body: str) -> Answer:
     """What an HTTP answer to a scan notification means (CONTRACT §4's table)."""
     snippet = " ".join(body.split())[:MAX_KEPT_BODY]
     detail = f"HTTP {status}: {snippet}" if snippet else f"HTTP {status}"
+    html = "html" in headers.get("content-type", "").lower()
     if 200 <= status < 300:
-        if "html" in headers.get("content-type", ""):
+        if html:
             # A captive portal or proxy answering for Meetch: not evidence of delivery.
             return Answer(Outcome.RETRY, status, f"HTTP {status} with an HTML page, not Meetch")
         return Answer(Outcome.DELIVERED, status, detail)
+    if html and 400 <= status < 500 and status not in (401, 403):
+        # Meetch's API answers JSON: an HTML 404 or 400 is a proxy's or a captive portal's
+        # page, no evidence that Meetch does not know the ticket or refuses it for good.
+        return Answer(
+            Outcome.RETRY,
+            status,
+            f"HTTP {status} with an HTML page, not Meetch: {snippet}"[:MAX_KEPT_BODY],
+            retry_after(headers.get("retry-after")),
+        )
     if status == 409:
         return Answer(Outcome.DELIVERED, status, detail)
     if status == 404:
@@ -211,6 +230,28 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
+
+
+def _key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be sent as a Bearer token, or None; never quotes the key.
+
+    Sent anyway, a key with a line break or a control character makes the HTTP library
+    fail with an error that quotes the whole header, key included (escaped, so no
+    redaction finds it); a non-ASCII one makes it raise. Either way it is a key problem,
+    for the technician to fix in the key file, not an outage to retry.
+    """
+    if not key:
+        return "the API key is empty"
+    if not all("!" <= ch <= "~" for ch in key):
+        return (
+            "the API key holds a space, a line break, a control or a non-ASCII character: "
+            "the key file must hold the key alone, on one line"
+        )
+    return None
+
+
+def _error_text(exc: httpx.HTTPError, key: str) -> str:
+    return _redact(f"{exc.__class__.__name__}: {exc}", key)[:MAX_KEPT_BODY]
 
 
 def _redact(text: str, key: str) -> str:

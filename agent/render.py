@@ -73,6 +73,20 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
         ),
         ("database", report.get("database", "-")),
     ]
+    store = report.get("store") or {}
+    if store.get("state", "ok") != "ok":
+        console.print(
+            f"[bold red]QUEUE DATABASE CANNOT COMMIT[/bold red] since {store.get('since')}: "
+            f"{store.get('held', 0)} scans held in memory (not acknowledged), "
+            f"{store.get('dropped', 0)} dropped. {store.get('error') or ''}\n"
+            "Free space in the state directory: held scans are written as soon as it can."
+        )
+    elif store.get("dropped"):
+        console.print(
+            f"[bold red]{store['dropped']} scans were dropped[/bold red] while the disk was full"
+        )
+    for alarm in report.get("alarms") or []:
+        console.print(f"[bold red]ALARM[/bold red] {alarm.get('at')}: {alarm.get('detail')}")
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()

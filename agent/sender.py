@@ -10,6 +10,7 @@ refused key (401/403) pauses all sending without touching the queue until the ke
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Protocol
 
 import structlog
 
+from agent.errors import StoreError
 from agent.meetch import Answer, Outcome, ScanNotice
 from agent.store import Notification, Store
 
@@ -130,7 +132,10 @@ class Sender:
             log.info("api_state_changed", old=self._state, new=state)
             self._state = state
             if self._publish_state:
-                self.store.set_meta("api_state", state)
+                try:
+                    self.store.set_meta("api_state", state)
+                except StoreError as exc:  # status shows a stale state; sending goes on
+                    log.warning("api_state_not_saved", error=str(exc))
 
     def rate_limited_for(self) -> float:
         """Seconds Meetch still asked us to wait (``Retry-After``), 0 when not limited."""
@@ -159,11 +164,22 @@ class Sender:
     def run(self, stop: threading.Event) -> None:
         """Deliver until ``stop`` is set, then let in-flight requests finish."""
         if self._publish_state:
-            self.store.set_meta("api_state", self._state)
+            with contextlib.suppress(StoreError):  # a full disk must not stop delivery
+                self.store.set_meta("api_state", self._state)
         with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="send") as pool:
             while not stop.is_set():
-                self._check_key()
-                for item in self._claim():
+                try:
+                    self._check_key()
+                    items = self._claim()
+                except StoreError as exc:
+                    # A full disk or a locked file: the items stay in the queue; try again.
+                    log.warning("claim_failed", error=str(exc))
+                    items = []
+                except Exception:
+                    # Whatever it is, delivery must not stop for good: log it, carry on.
+                    log.exception("sender_loop_error")
+                    items = []
+                for item in items:
                     pool.submit(self._send, item)
                 with self._cond:
                     if not self._woken and not stop.is_set():
@@ -258,7 +274,7 @@ class Sender:
             self.store.release(item.scan_id, self.owner)
             with self._cond:
                 if self._state != "auth_failed":
-                    log.error("api_key_refused", status=answer.status)
+                    log.error("api_key_refused", status=answer.status, detail=answer.detail)
                 self._auth_failed_at = self._now()
                 self._set_state("auth_failed")
         elif outcome is Outcome.RETRY:

@@ -9,13 +9,17 @@ from __future__ import annotations
 import fcntl
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from agent.config import Config
+from agent.runtime import read_runtime
 from agent.store import OUTCOMES, STATES, Store
 
 HEARTBEAT_S = 5.0
+ALARM_DAYS = 7
+ALARMS_KEY = "alarms"
 LOCK_NAME = "daemon.lock"
 
 
@@ -54,6 +58,8 @@ def snapshot(
                 for s in config.scanners
             ],
             "daemon": {"running": bool(held), "pid": None, "heartbeat_at": None},
+            "store": {"state": "ok", "held": 0, "dropped": 0},
+            "alarms": [],
             "database": str(config.db_path),
         }
     daemon = store.get_meta("daemon") or {}
@@ -91,5 +97,28 @@ def snapshot(
             "heartbeat_at": daemon.get("heartbeat_at"),
             "started_at": daemon.get("started_at") if running else None,
         },
+        "store": _store_health(config, running),
+        "alarms": _recent_alarms(store.get_meta(ALARMS_KEY) or [], now),
         "database": str(config.db_path),
     }
+
+
+def _store_health(config: Config, running: bool) -> dict[str, Any]:
+    """Is the daemon committing scans? From its runtime file, which a full disk can't stop."""
+    health = read_runtime(config.agent.state_dir).get("store") if running else None
+    if not isinstance(health, dict):
+        return {"state": "ok", "held": 0, "dropped": 0}
+    return health
+
+
+def _recent_alarms(alarms: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    """Alarms of the last ALARM_DAYS days (a salvaged database, for instance)."""
+    recent = []
+    for alarm in alarms:
+        try:
+            at = datetime.fromisoformat(alarm["at"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            continue
+        if now - at < ALARM_DAYS * 86400:
+            recent.append(alarm)
+    return recent

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ EXPORT_FIELDS = (
     "last_error",
     "http_status",
     "delivered_at",
+    "clock_synced",
 )
 """What ``queue export`` writes for each notification, in this order."""
 OUTCOMES = ("valid", "duplicate", "invalid", "refunded")
@@ -97,8 +99,25 @@ def _v1(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1,)
+def _v2(db: sqlite_utils.Database) -> None:
+    # Scan times are evidence: remember whether the clock was synchronised (NULL: unknown).
+    db.execute("ALTER TABLE scans ADD COLUMN clock_synced INTEGER")
+    db.execute("ALTER TABLE notifications ADD COLUMN clock_synced INTEGER")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_v1, _v2)
 """Migration N takes ``PRAGMA user_version`` from N to N+1; never edit a released one."""
+
+
+class StoreWriteError(StoreError):
+    """A write could not be committed; ``disk_full`` when SQLite or the disk ran out of room."""
+
+    def __init__(self, path: Path, exc: sqlite3.Error) -> None:
+        text = str(exc)
+        self.disk_full = (
+            "full" in text or getattr(exc, "sqlite_errorcode", 0) == sqlite3.SQLITE_FULL
+        )
+        super().__init__(f"queue database {path}: cannot commit: {text}")
 
 
 @dataclass(frozen=True)
@@ -154,7 +173,10 @@ class Store:
                 ) from exc
             if not isinstance(exc, sqlite3.DatabaseError):
                 raise
-            raise StoreError(f"queue database {path}: {exc}") from exc
+            raise StoreError(
+                f"queue database {path}: {exc} (a damaged queue is moved aside and salvaged "
+                "when the agent starts: systemctl restart meetch-gate)"
+            ) from exc
 
     @classmethod
     def open_existing(cls, path: Path, *, device_id: str) -> Store | None:
@@ -170,6 +192,10 @@ class Store:
     # -- lifecycle --------------------------------------------------------------------
 
     def _migrate(self) -> None:
+        # Read first: a current database needs no write at all, so status and export still
+        # open it when the disk is full.
+        if int(self.db.execute("PRAGMA user_version").fetchone()[0]) == len(MIGRATIONS):
+            return
         with self._write():
             version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
             if version > len(MIGRATIONS):
@@ -191,14 +217,17 @@ class Store:
         """One write transaction, taken up front so two processes never deadlock upgrading."""
         with self._lock:
             conn = self.db.conn
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreWriteError(self.path, exc) from exc
 
     def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         with self._lock:
@@ -215,6 +244,7 @@ class Store:
         *,
         reason: str | None = None,
         raw: bytes | None = None,
+        clock_synced: bool | None = None,
     ) -> Recorded:
         """Commit one scan; the first valid scan of a ticket creates its notification.
 
@@ -229,9 +259,10 @@ class Store:
         with self._write():
             if outcome == "valid" and self._is_refunded(ticket):
                 outcome = "refunded"
+            synced = None if clock_synced is None else int(clock_synced)
             self.db.execute(
-                "INSERT INTO scans (scan_id, scanner, ticket, outcome, reason, raw_hex, scanned_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO scans (scan_id, scanner, ticket, outcome, reason, raw_hex, scanned_at,"
+                " clock_synced) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     scan_id,
                     scanner,
@@ -240,13 +271,15 @@ class Store:
                     reason,
                     raw[:64].hex() if raw else None,
                     scanned_at,
+                    synced,
                 ),
             )
             if outcome in ("valid", "refunded"):
                 cursor = self.db.execute(
                     "INSERT OR IGNORE INTO notifications (scan_id, ticket, scanner, device_id,"
-                    " scanned_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (scan_id, ticket, scanner, self.device_id, scanned_at, now, now),
+                    " scanned_at, clock_synced, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (scan_id, ticket, scanner, self.device_id, scanned_at, synced, now, now),
                 )
                 created = cursor.rowcount == 1
             if outcome != "invalid":
@@ -392,7 +425,8 @@ class Store:
                 cursor = self.db.execute(
                     "INSERT OR IGNORE INTO notifications (scan_id, ticket, scanner, device_id,"
                     " scanned_at, state, attempts, last_error, http_status, delivered_at,"
-                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " clock_synced, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         r["scan_id"],
                         r["ticket"],
@@ -404,6 +438,7 @@ class Store:
                         r["last_error"],
                         r["http_status"],
                         r["delivered_at"],
+                        r.get("clock_synced"),
                         now,
                         now,
                     ),
@@ -496,6 +531,11 @@ class Store:
         """Each scanner's last recorded state, by name."""
         return {r["name"]: r for r in self._rows("SELECT * FROM scanner_status ORDER BY name")}
 
+    def quick_check(self) -> str:
+        """``PRAGMA quick_check``: ``ok`` when the file is sound (cheaper than integrity)."""
+        rows = self._rows("PRAGMA quick_check")
+        return "; ".join(str(next(iter(r.values()))) for r in rows)
+
     def integrity_check(self) -> str:
         """``PRAGMA integrity_check``'s answer: ``ok`` when the file is sound."""
         rows = self._rows("PRAGMA integrity_check")
@@ -535,5 +575,10 @@ def _match_owner(path: Path) -> None:
 def _prepare_files(path: Path) -> None:
     """State directory 0700 and database file 0600, before SQLite creates anything."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.parent.stat()
+    shared = st.st_mode & stat.S_ISVTX  # never tighten /tmp or the like
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid() and not shared:
+        # A state directory made by hand with a loose mode: the queue is ours alone.
+        path.parent.chmod(0o700)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.close(fd)

@@ -27,7 +27,7 @@ from agent.store import EXPORT_FIELDS, STATES
 
 FORMATS = ("jsonl", "csv")
 _SCAN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-_NULLABLE = ("last_error", "http_status", "delivered_at")
+_NULLABLE = ("last_error", "http_status", "delivered_at", "clock_synced")
 
 
 def render(rows: Iterable[dict[str, Any]], fmt: str) -> str:
@@ -135,7 +135,11 @@ def _csv(path: Path, text: str) -> list[tuple[int, Any]]:
 
 
 def _validate(path: Path, line: int, item: Any) -> dict[str, Any]:
-    where = f"{path} line {line}"
+    return validate_row(item, f"{path} line {line}")
+
+
+def validate_row(item: Any, where: str = "row") -> dict[str, Any]:
+    """One notification in export form, checked and normalised; DataError says why not."""
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected an object with {', '.join(EXPORT_FIELDS)}")
     missing = [f for f in EXPORT_FIELDS if f not in item and f not in _NULLABLE]
@@ -159,7 +163,19 @@ def _validate(path: Path, line: int, item: Any) -> dict[str, Any]:
     row["http_status"] = _integer(where, "http_status", row["http_status"], required=False)
     if row["last_error"] is not None and not isinstance(row["last_error"], str):
         raise DataError(f"{where}: last_error must be text")
+    row["clock_synced"] = _flag(where, row["clock_synced"])
     return row
+
+
+def _flag(where: str, value: Any) -> int | None:
+    """clock_synced: 1, 0 or unknown (None); CSV gives "1"/"0", JSON 1/0 or true/false."""
+    if value is None:
+        return None
+    if value in (1, "1", True, "true", "True"):
+        return 1
+    if value in (0, "0", False, "false", "False"):
+        return 0
+    raise DataError(f"{where}: clock_synced {value!r} is not 1, 0 or empty")
 
 
 def _timestamp(where: str, field: str, value: Any, *, required: bool) -> str | None:

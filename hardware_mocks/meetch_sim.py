@@ -3,7 +3,9 @@
 :class:`SimulatedMeetch` answers the scan notification and the cancellations list the
 way the contract assumes Meetch does, records every request, and lets a test inject
 the faults the agent must survive: latency, a proxy answering 500/502/429, a refused
-key, and Meetch going away and coming back on the same address.
+key, Meetch going away and coming back on the same address, and hostile answers:
+connections reset mid-answer, answers that never come, bodies that are not JSON or
+are several megabytes long.
 
 It is a real ``ThreadingHTTPServer`` speaking HTTP/1.1 with keep-alive, so the agent's
 connection pool, timeouts and error mapping are exercised exactly as in production::
@@ -13,9 +15,17 @@ connection pool, timeouts and error mapping are exercised exactly as in producti
         ...                                       # run the agent against meetch.base_url
         assert meetch.wait_for(lambda: "000001" in meetch.flagged, timeout=5)
 
-Order of checks on ``POST {scan_path}``: latency, canned faults (they come from a proxy,
-so before auth), auth, validation, then the item's state (unknown 404, refused 422,
-already flagged 200 or 409, else flagged 201).
+Order of checks on ``POST {scan_path}``: latency, queued faults, auth, validation, then
+the item's state (unknown 404, refused 422, already flagged 200 or 409, else flagged 201).
+
+Faults queue up in order, one per scan POST, whichever method queued them. Each says
+whether Meetch processed the request. A fault in front of Meetch (a proxy, a load
+balancer, a captive portal: :meth:`~SimulatedMeetch.fail_next` and friends, and the
+other fault methods unless ``processed=True``) answers before auth and never flags the
+ticket, whatever its status. A fault on Meetch's own answer (``processed=True``,
+:meth:`~SimulatedMeetch.garble_next`) lets the request flag the ticket, then spoils the
+answer. So :attr:`~SimulatedMeetch.flagged` always tells the truth, and an agent that
+marks a ticket delivered which is not in it believed an answer it should not have.
 
 Command line, for trying the agent by hand::
 
@@ -32,6 +42,7 @@ import re
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -47,7 +58,9 @@ from urllib.parse import unquote
 
 __all__ = [
     "AGENT_USER_AGENT_PREFIX",
+    "FAULTS",
     "NO_ANSWER",
+    "RESET_POINTS",
     "RecordedRequest",
     "SimulatedMeetch",
     "main",
@@ -58,7 +71,17 @@ AGENT_USER_AGENT_PREFIX = "meetch-gate-agent/"
 """Every agent request's ``User-Agent`` starts with this (CONTRACT §4)."""
 
 NO_ANSWER = 0
-"""``RecordedRequest.status`` of a request cut by :meth:`SimulatedMeetch.go_offline`."""
+"""``RecordedRequest.status`` of a request that got no whole answer: cut by
+:meth:`SimulatedMeetch.go_offline`, reset mid-answer or left to stall."""
+
+FAULTS = ("canned", "reset", "stall", "garbled", "huge")
+"""The values of ``RecordedRequest.fault`` for a request a queued fault answered."""
+
+RESET_POINTS = ("status", "headers", "body")
+"""Where :meth:`SimulatedMeetch.reset_next` cuts an answer: after the status line, halfway
+through the headers, or halfway through the body."""
+
+_CHUNK_BYTES = 64 << 10
 
 _MAX_BODY_BYTES = 1 << 20
 _MAX_DRAIN_BYTES = 64 << 20
@@ -109,6 +132,8 @@ class RecordedRequest:
     status: int
     at: float
     """``time.monotonic()`` when the request was received."""
+    fault: str = ""
+    """The queued fault that answered it (one of :data:`FAULTS`), "" for a plain answer."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +146,48 @@ class _Answer:
 
 def _json_answer(status: int, payload: Any, headers: tuple[tuple[str, str], ...] = ()) -> _Answer:
     return _Answer(status, jsonlib.dumps(payload).encode(), "application/json", headers)
+
+
+def _proxy_answer(
+    status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None
+) -> _Answer:
+    # We always compute these ourselves; a stale Content-Length would wedge the client.
+    extra = tuple(
+        (name, value)
+        for name, value in (headers or {}).items()
+        if name.lower() not in {"content-length", "content-type", "connection"}
+    )
+    return _Answer(status, body, content_type, extra)
+
+
+@dataclass(frozen=True)
+class _Fault:
+    """How one scan POST goes wrong; see the fault methods of SimulatedMeetch."""
+
+    tag: str
+    proxy: _Answer | None = None
+    """Answered in front of Meetch (before auth, never flagging); None: Meetch answers."""
+    delay_s: float = 0.0
+    """Wait this long first (go_offline cuts the wait short, with no answer)."""
+    silent: bool = False
+    """After the delay, close the connection without a byte of answer."""
+    cut: str = ""
+    """Reset the connection at this point of the answer (one of RESET_POINTS)."""
+    body: bytes | None = None
+    """Replaces the answer's body; the status and Meetch's state change stand."""
+    content_type: str | None = None
+    """Replaces the answer's content type, with ``body``."""
+    pad_to: int = 0
+    """Pad the body to this many bytes."""
+    chunked: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """True when the answer goes out at once, whole and as it is (only its origin is
+        faulty), on a connection that stays open."""
+        return self.body is None and not (
+            self.delay_s or self.silent or self.cut or self.chunked or self.pad_to
+        )
 
 
 @dataclass
@@ -139,7 +206,7 @@ class _State:
     flagged: dict[str, str] = field(default_factory=dict)
     first_answers: dict[str, bytes] = field(default_factory=dict)
     scan_ids: dict[str, set[str]] = field(default_factory=dict)
-    canned: deque[_Answer] = field(default_factory=deque)
+    faults: deque[_Fault] = field(default_factory=deque)
     refunds: list[_Refund] = field(default_factory=list)
     in_flight: int = 0
     connections: int = 0
@@ -367,20 +434,11 @@ class SimulatedMeetch:
     ) -> None:
         """Answer the next ``n`` scan POSTs with this, before auth: a proxy or LB fault.
 
-        Canned answers queue up in order with those of :meth:`html_502` and
-        :meth:`rate_limit`.
+        The ticket is never flagged, whatever ``status`` says: the request did not reach
+        Meetch. (A 2xx here is a proxy lying; an agent cannot tell it from Meetch unless
+        the page gives itself away, as an HTML one does.)
         """
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        # We always compute these ourselves; a stale Content-Length would wedge the client.
-        extra = tuple(
-            (name, value)
-            for name, value in (headers or {}).items()
-            if name.lower() not in {"content-length", "content-type", "connection"}
-        )
-        answer = _Answer(status, body, content_type, extra)
-        with self._lock:
-            self._state.canned.extend([answer] * n)
+        self._queue(n, _Fault("canned", proxy=_proxy_answer(status, body, content_type, headers)))
 
     def html_502(self, n: int) -> None:
         """Answer the next ``n`` scan POSTs with nginx's HTML 502 Bad Gateway page."""
@@ -396,6 +454,81 @@ class SimulatedMeetch:
             b'{"error":"rate limited"}',
             headers={"Retry-After": str(math.ceil(retry_after_s))},
         )
+
+    def reset_next(
+        self, n: int, *, after: str = "headers", processed: bool = False, status: int = 201
+    ) -> None:
+        """Reset (TCP RST) the next ``n`` scan POSTs' connections part way through the answer.
+
+        ``after`` is one of :data:`RESET_POINTS`. With ``processed`` Meetch handled the
+        request (the ticket may be flagged) and its answer is what gets cut; without, a
+        middlebox cuts an answer of ``status`` (201 by default: a success the agent must
+        not believe from half an answer) and the ticket is not flagged. Recorded with
+        status :data:`NO_ANSWER`.
+        """
+        if after not in RESET_POINTS:
+            raise ValueError(f"after must be one of {', '.join(RESET_POINTS)}, got {after!r}")
+        proxy = None if processed else _json_answer(status, {"flagged": True})
+        self._queue(n, _Fault("reset", proxy=proxy, cut=after))
+
+    def stall_next(self, n: int, seconds: float, *, processed: bool = False) -> None:
+        """Hold the next ``n`` scan POSTs ``seconds`` before doing anything.
+
+        Without ``processed``: a hung proxy; the connection is then closed without a byte
+        of answer, the ticket is not flagged, and the request is recorded with status
+        :data:`NO_ANSWER`. With ``processed``: a slow Meetch; the request is then handled
+        (and may flag the ticket) and answered, whether or not the client still waits.
+        """
+        if seconds < 0:
+            raise ValueError(f"seconds must be >= 0, got {seconds}")
+        self._queue(n, _Fault("stall", delay_s=seconds, silent=not processed))
+
+    def garble_next(
+        self, n: int, body: bytes = b'{"number": "000', content_type: str = "application/json"
+    ) -> None:
+        """Meetch handles the next ``n`` scan POSTs, then answers ``body`` (not JSON) instead.
+
+        The status and the state change stand: a 201 whose body is cut or mangled still
+        means the ticket is flagged.
+        """
+        self._queue(n, _Fault("garbled", body=body, content_type=content_type))
+
+    def huge_next(
+        self,
+        n: int,
+        size: int = 4 << 20,
+        *,
+        processed: bool = False,
+        status: int = 502,
+        content_type: str = "text/html",
+        chunked: bool = True,
+    ) -> None:
+        """Answer the next ``n`` scan POSTs with a body of ``size`` bytes, chunked or not.
+
+        With ``processed`` it is Meetch's own answer padded with white space (still valid
+        JSON); without, a proxy's ``status`` page in ``content_type``, never flagging.
+        """
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        proxy = None if processed else _proxy_answer(status, _HTML_502, content_type, None)
+        self._queue(n, _Fault("huge", proxy=proxy, pad_to=size, chunked=chunked))
+
+    @property
+    def faults_pending(self) -> int:
+        """Queued faults not used yet."""
+        with self._lock:
+            return len(self._state.faults)
+
+    def clear_faults(self) -> None:
+        """Forget every queued fault: the next scan POSTs are answered normally."""
+        with self._lock:
+            self._state.faults.clear()
+
+    def _queue(self, n: int, fault: _Fault) -> None:
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        with self._lock:
+            self._state.faults.extend([fault] * n)
 
     def set_api_keys(self, keys: Iterable[str]) -> None:
         """Accept only these keys from now on; any other Bearer key gets 401."""
@@ -425,12 +558,19 @@ class SimulatedMeetch:
                     self._state.scan_ids.setdefault(number, set()).add(scan_id)
             self._changed.notify_all()
 
-    def _answer(self, request: RecordedRequest) -> _Answer:
+    def _take_fault(self, request: RecordedRequest) -> _Fault | None:
+        """The next queued fault, if ``request`` is a scan POST and one is queued."""
+        if request.method != "POST" or request.path != self.scan_path:
+            return None
+        with self._lock:
+            return self._state.faults.popleft() if self._state.faults else None
+
+    def _answer(self, request: RecordedRequest, fault: _Fault | None = None) -> _Answer:
         """Decide the answer, record the request with it and wake wait_for()."""
         with self._lock:
             if request.path == self.scan_path:
                 if request.method == "POST":
-                    answer = self._answer_scan(request)
+                    answer = self._answer_scan(request, fault)
                 else:
                     answer = _json_answer(
                         405, {"error": "method not allowed"}, (("Allow", "POST"),)
@@ -444,20 +584,21 @@ class SimulatedMeetch:
                 answer = _json_answer(404, {"error": "not found"})
             # Recorded under the same lock as the state change, so no waiter ever sees
             # a ticket flagged by a request that is missing from `requests`.
-            recorded = self._record(request, answer.status)
+            status = NO_ANSWER if fault is not None and fault.cut else answer.status
+            recorded = self._record(request, status, fault.tag if fault else "")
         if self._on_request is not None:
             self._on_request(recorded)
         return answer
 
-    def _finish(self, request: RecordedRequest, status: int) -> None:
+    def _finish(self, request: RecordedRequest, status: int, fault: str = "") -> None:
         """Record a request answered (or cut) without asking _answer()."""
-        recorded = self._record(request, status)
+        recorded = self._record(request, status, fault)
         if self._on_request is not None:
             self._on_request(recorded)
 
-    def _record(self, request: RecordedRequest, status: int) -> RecordedRequest:
+    def _record(self, request: RecordedRequest, status: int, fault: str = "") -> RecordedRequest:
         with self._lock:
-            recorded = replace(request, status=status)
+            recorded = replace(request, status=status, fault=fault)
             self._state.requests.append(recorded)
             self._state.in_flight -= 1
             self._changed.notify_all()
@@ -472,10 +613,10 @@ class SimulatedMeetch:
             401, {"error": "invalid api key"}, (("WWW-Authenticate", 'Bearer realm="meetch"'),)
         )
 
-    def _answer_scan(self, request: RecordedRequest) -> _Answer:
+    def _answer_scan(self, request: RecordedRequest, fault: _Fault | None) -> _Answer:
         state = self._state
-        if state.canned:
-            return state.canned.popleft()
+        if fault is not None and fault.proxy is not None:
+            return fault.proxy
         refused = self._refused_key(request)
         if refused is not None:
             return refused
@@ -624,7 +765,70 @@ class _Handler(BaseHTTPRequestHandler):
             sim._finish(request, NO_ANSWER)
             self.close_connection = True
             return
-        self._write(sim._answer(request))
+        fault = sim._take_fault(request)
+        if fault is None or fault.plain:
+            self._write(sim._answer(request, fault))
+            return
+        self._serve_fault(request, fault)
+
+    def _serve_fault(self, request: RecordedRequest, fault: _Fault) -> None:
+        sim = self.server.sim
+        # Whatever goes wrong, the connection ends with this answer: a client must not
+        # reuse a stream a fault may have left out of step.
+        self.close_connection = True
+        if fault.delay_s > 0 and self.server.closing.wait(fault.delay_s):
+            sim._finish(request, NO_ANSWER, fault.tag)  # go_offline() during the stall
+            return
+        if fault.silent:
+            sim._finish(request, NO_ANSWER, fault.tag)
+            return
+        answer = sim._answer(request, fault)
+        body = answer.body if fault.body is None else fault.body
+        content_type = fault.content_type or answer.content_type
+        if fault.pad_to > len(body):
+            # White space keeps a JSON answer valid JSON; a page gets filler markup.
+            filler = b" " if "json" in content_type else b"<p>padding padding padding</p>\n"
+            missing = fault.pad_to - len(body)
+            body += (filler * (missing // len(filler) + 1))[:missing]
+        headers = [("Content-Type", content_type), *answer.headers, ("Connection", "close")]
+        if fault.chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+            payload = b"".join(
+                b"%x\r\n%s\r\n" % (len(body[i : i + _CHUNK_BYTES]), body[i : i + _CHUNK_BYTES])
+                for i in range(0, len(body), _CHUNK_BYTES)
+            )
+            payload += b"0\r\n\r\n"
+        else:
+            headers.append(("Content-Length", str(len(body))))
+            payload = body
+        status_line, head = self._head(answer.status, headers)
+        wire = status_line + head
+        if fault.cut:
+            cut_at = {
+                "status": len(status_line),
+                "headers": len(status_line) + len(head) // 2,
+                "body": len(wire) + max(1, len(payload) // 2),
+            }[fault.cut]
+            self.server.reset_on_close(self.connection)
+            self.wfile.write((wire + payload)[:cut_at])
+            return
+        self.wfile.write(wire)
+        # In pieces: a client that stops reading (it wanted 64 KiB of 4 MiB) then closes,
+        # and the next write fails instead of the whole answer sitting in one sendall.
+        for i in range(0, len(payload), _CHUNK_BYTES):
+            self.wfile.write(payload[i : i + _CHUNK_BYTES])
+
+    def _head(self, status: int, headers: list[tuple[str, str]]) -> tuple[bytes, bytes]:
+        """The status line, and the header lines with the blank line that ends them."""
+        reason = self.responses.get(status, ("",))[0]
+        status_line = f"{self.protocol_version} {status} {reason}\r\n".encode("latin-1")
+        lines = [
+            ("Server", self.version_string()),
+            ("Date", self.date_time_string()),
+            *headers,
+        ]
+        head = "".join(f"{name}: {value}\r\n" for name, value in lines) + "\r\n"
+        return status_line, head.encode("latin-1")
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -696,6 +900,7 @@ class _Server(ThreadingHTTPServer):
         self.closing = threading.Event()
         self._registry = threading.Lock()
         self._connections: set[socket.socket] = set()
+        self._resetting: set[socket.socket] = set()
         self._handlers: set[threading.Thread] = set()
         # serve() sleeps in select() on the listening socket and this pair, so a byte
         # written here stops it at once (serve_forever() polls, adding up to 0.5 s).
@@ -762,13 +967,25 @@ class _Server(ThreadingHTTPServer):
                 self._handlers.discard(threading.current_thread())
 
     def shutdown_request(self, request: socket.socket | tuple[bytes, socket.socket]) -> None:
-        """Forget the connection, then close it."""
+        """Forget the connection, then close it (with a reset if reset_on_close asked)."""
         # Under the lock, so drop_connections() never shuts down a closed socket whose
         # file descriptor the kernel may already have handed to someone else.
         with self._registry:
             if isinstance(request, socket.socket):
                 self._connections.discard(request)
+                if request in self._resetting:
+                    self._resetting.discard(request)
+                    # No shutdown(SHUT_WR) first: that would send a FIN, a clean end.
+                    self.close_request(request)
+                    return
             super().shutdown_request(request)
+
+    def reset_on_close(self, connection: socket.socket) -> None:
+        """Close ``connection`` with a TCP reset instead of a FIN once its handler is done."""
+        # SO_LINGER on with a zero timeout: close() drops unsent data and sends RST.
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with self._registry:
+            self._resetting.add(connection)
 
     def drop_connections(self) -> None:
         """Shut every open connection down; each handler then reads EOF and closes it."""

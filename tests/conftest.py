@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 import pytest
 
 from agent.config import Config, load_config
+from agent.sender import Backoff, Notifier, Sender
 from agent.store import Store
 from hardware_mocks.meetch_sim import SimulatedMeetch
 from hardware_mocks.virtual_scanner import VirtualScanner
@@ -37,6 +41,34 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         time.sleep(interval)
+
+
+def make_sender(store: Store, client: Notifier, **options: Any) -> Sender:
+    """A real Sender with test defaults (seeded small backoff, API_KEY); ``options`` win."""
+    settings: dict[str, Any] = {
+        "owner": "test",
+        "max_in_flight": 2,
+        "backoff": Backoff(0.02, 0.2, random.Random(1)),
+        "lease_s": 10,
+        "api_key": API_KEY,
+        **options,
+    }
+    return Sender(store, client, **settings)
+
+
+@contextmanager
+def sender_running(sender: Sender) -> Iterator[threading.Thread]:
+    """Run ``sender`` on its own thread for the with-block; then stop, drain and join it."""
+    stop = threading.Event()
+    thread = threading.Thread(target=sender.run, args=(stop,), name="test-sender")
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        sender.stop_waiting()
+        thread.join(30)
+        assert not thread.is_alive(), "sender thread did not stop"
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ NAMES = [
     "config",
     "api_key",
     "database",
+    "queue_writes",
     "commit_latency",
     "disk_space",
     "api",

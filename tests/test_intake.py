@@ -13,7 +13,7 @@ import pytest
 
 from agent.config import ScannerSettings
 from agent.intake import Dedupe, Intake
-from agent.store import Recorded, Store
+from agent.store import Recorded, Store, StoreWriteError
 
 GOOD = b"\x1b7,"
 BAD = b"\x1b8,"
@@ -56,7 +56,7 @@ class FailingOnceStore(Store):
         """Fail once when armed, else commit for real."""
         if self.fail_next:
             self.fail_next = False
-            raise sqlite3.OperationalError("disk I/O error")
+            raise StoreWriteError(self.path, sqlite3.OperationalError("disk I/O error"))
         return super().record_scan(*args, **kwargs)
 
 
@@ -209,18 +209,47 @@ def test_on_queued_only_when_a_notification_is_created(
     assert len(notifications(store.path)) == 2
 
 
-def test_failed_commit_is_not_remembered_as_a_read(tmp_path: Path, clock: FakeClock) -> None:
-    """When a commit fails the rescan is a first read: committed, notified, good_read."""
+def test_failed_commit_is_held_unacknowledged_then_written_in_order(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A scan the database refuses gets no feedback, is held, and is written first later."""
+    store = FailingOnceStore(tmp_path / "queue.sqlite3", device_id="test-box")
+    queued: list[int] = []
+    try:
+        intake = Intake(store, Dedupe(WINDOW_S, now=clock), on_queued=lambda: queued.append(1))
+        store.fail_next = True
+        assert intake.handle(NORTH, b"000001") == b""  # not durable: not acknowledged
+        assert intake.health.state == "degraded"
+        assert intake.health.held == 1
+        # While anything is held, later scans queue behind it, unacknowledged too.
+        assert intake.handle(SOUTH, b"000002") == b""
+        assert scans(store.path) == []
+        assert intake.retry_held() == 0
+        assert intake.health.state == "ok"
+        assert scans(store.path) == [
+            ("north-1", "000001", "valid", None),
+            ("south-1", "000002", "valid", None),
+        ]
+        assert len(queued) == 2
+        assert intake.handle(NORTH, b"000003") == GOOD
+    finally:
+        store.close()
+
+
+def test_memory_buffer_full_counts_what_it_could_not_keep(tmp_path: Path, clock: FakeClock) -> None:
+    """Past max_held, scans are dropped, counted, and a rescan counts as a first read."""
     store = FailingOnceStore(tmp_path / "queue.sqlite3", device_id="test-box")
     try:
-        intake = Intake(store, Dedupe(WINDOW_S, now=clock))
+        intake = Intake(store, Dedupe(WINDOW_S, now=clock), max_held=2)
         store.fail_next = True
-        with pytest.raises(sqlite3.OperationalError):
-            intake.handle(NORTH, b"000001")
-        clock.advance(1.0)
-        assert intake.handle(NORTH, b"000001") == GOOD
-        assert scans(store.path) == [("north-1", "000001", "valid", None)]
-        assert notifications(store.path) == [("000001", "north-1", "pending")]
+        for ticket in (b"A1", b"A2", b"A3", b"A4"):
+            intake.handle(NORTH, ticket)
+        assert intake.health.held == 2
+        assert intake.health.dropped == 2
+        assert intake.retry_held() == 0
+        assert [t for _, t, _, _ in scans(store.path)] == ["A1", "A2"]
+        assert intake.health.dropped == 2  # still reported after recovery
+        assert intake.handle(NORTH, b"A3") == GOOD  # dropped, so not a duplicate
     finally:
         store.close()
 

@@ -15,11 +15,12 @@ import httpx
 import pytest
 
 from agent.config import MeetchSettings
+from agent.errors import StoreError
 from agent.meetch import Answer, MeetchClient, ScanNotice, classify
 from agent.sender import IDLE_POLL_S, Backoff, Notifier, Sender
 from agent.store import Notification, Store
 from hardware_mocks.meetch_sim import SimulatedMeetch
-from tests.conftest import API_KEY, wait_until
+from tests.conftest import API_KEY, make_sender, sender_running, wait_until
 
 SCANNED_AT = "2026-02-20T19:42:07.120+01:00"
 
@@ -524,3 +525,27 @@ def test_backoff_first_failure_stays_within_the_initial_delay() -> None:
     delays = samples(backoff, 1)
 
     assert all(0.2 <= d <= 0.4 for d in delays)
+
+
+class MetaFailsStore(Store):
+    """A real store whose small status writes fail, as on a full disk."""
+
+    def set_meta(self, key: str, value: object) -> None:
+        """Always fails."""
+        raise StoreError("queue database: cannot commit: database or disk is full")
+
+
+def test_a_failing_status_write_never_stops_delivery(
+    tmp_path: Path, meetch: SimulatedMeetch
+) -> None:
+    """Status writes failing (full disk) neither kill the sender thread nor stop sending."""
+    store = MetaFailsStore(tmp_path / "q.sqlite3", device_id="box")
+    store.record_scan("north-1", "000001", "valid", "2026-02-20T19:42:07.120+01:00")
+    client = MeetchClient(MeetchSettings(base_url=meetch.base_url), API_KEY)
+    try:
+        with sender_running(make_sender(store, client)) as thread:
+            assert meetch.wait_for(lambda: "000001" in meetch.flagged, 10)
+            assert thread.is_alive()
+    finally:
+        client.close()
+        store.close()

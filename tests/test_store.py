@@ -188,3 +188,12 @@ def test_open_existing_never_creates(tmp_path: Path) -> None:
     path = tmp_path / "state" / "queue.sqlite3"
     assert Store.open_existing(path, device_id="box") is None
     assert not path.parent.exists()
+
+
+def test_a_loose_state_directory_is_tightened(tmp_path: Path) -> None:
+    """A state directory made by hand with mode 0755 becomes 0700 when the queue opens."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    Store(state / "queue.sqlite3", device_id="box").close()
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700

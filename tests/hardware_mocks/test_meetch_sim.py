@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from hardware_mocks.meetch_sim import NO_ANSWER, SimulatedMeetch
+from hardware_mocks.meetch_sim import NO_ANSWER, RESET_POINTS, SimulatedMeetch
 
 SCAN = "/v1/items/scan"
 CANCELLATIONS = "/v1/cancellations"
@@ -233,6 +235,256 @@ def test_canned_faults_only_hit_scans(sim: SimulatedMeetch, client: httpx.Client
 
     assert client.get(CANCELLATIONS).status_code == 200
     assert scan(client, "000001").status_code == 500
+
+
+def test_a_canned_success_flags_nothing(sim: SimulatedMeetch, client: httpx.Client) -> None:
+    """A canned 2xx comes from in front of Meetch: the ticket stays unflagged."""
+    sim.fail_next(1, 200, b'{"flagged": true}')
+
+    assert scan(client, "000001", "s-1").status_code == 200
+    assert sim.flagged == {}
+    assert [(r.status, r.fault) for r in sim.requests] == [(200, "canned")]
+    assert scan(client, "000001", "s-1").status_code == 201
+
+
+def test_faults_queue_in_order_and_can_be_cleared(
+    sim: SimulatedMeetch, client: httpx.Client
+) -> None:
+    """Every kind of fault joins one FIFO; faults_pending counts it, clear_faults empties it."""
+    sim.fail_next(1, 503)
+    sim.garble_next(1)
+    sim.reset_next(1)
+    sim.html_502(2)
+    assert sim.faults_pending == 5
+
+    first = scan(client, "000001", "s-1")
+    second = scan(client, "000002", "s-2")
+    with pytest.raises(httpx.TransportError):
+        scan(client, "000003", "s-3")
+    sim.clear_faults()
+
+    assert (first.status_code, second.status_code) == (503, 201)
+    assert sim.faults_pending == 0
+    assert scan(client, "000003", "s-3").status_code == 201
+    assert [(r.status, r.fault) for r in sim.requests] == [
+        (503, "canned"),
+        (201, "garbled"),
+        (NO_ANSWER, "reset"),
+        (201, ""),
+    ]
+
+
+@pytest.mark.parametrize("after", RESET_POINTS)
+def test_reset_mid_answer_flags_nothing(
+    sim: SimulatedMeetch, client: httpx.Client, after: str
+) -> None:
+    """A reset in front of Meetch is a transport error, status 0, and flags nothing."""
+    sim.reset_next(1, after=after)
+
+    with pytest.raises(httpx.TransportError):
+        scan(client, "000001", "s-1")
+
+    assert sim.flagged == {}
+    assert sim.scan_ids_for("000001") == {"s-1"}
+    assert [(r.status, r.fault) for r in sim.requests] == [(NO_ANSWER, "reset")]
+    assert scan(client, "000001", "s-1").status_code == 201  # the client reconnects
+
+
+def read_to_end(raw: socket.socket, into: bytearray) -> None:
+    """Read ``raw`` into ``into`` until a clean end of stream (or an error)."""
+    while chunk := raw.recv(65536):
+        into += chunk
+
+
+@pytest.mark.parametrize("after", RESET_POINTS)
+def test_reset_is_a_tcp_reset_after_part_of_the_answer(sim: SimulatedMeetch, after: str) -> None:
+    """The peer reads the start of the answer, then ECONNRESET, never a clean end of stream."""
+    sim.reset_next(1, after=after, status=201)
+    body = json.dumps({"number": "000001", "scanned_at": "2026-02-20T19:42:07Z", "scan_id": "s"})
+    request = f"POST {SCAN} HTTP/1.1\r\nHost: meetch\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    received = bytearray()
+    with socket.create_connection(("127.0.0.1", sim.port), timeout=5) as raw:
+        raw.sendall(request.encode())
+        with pytest.raises(ConnectionResetError):
+            read_to_end(raw, received)
+
+    assert received.startswith(b"HTTP/1.1 201 Created\r\n")
+    if after == "status":
+        assert received == b"HTTP/1.1 201 Created\r\n"
+    else:
+        assert (b"\r\n\r\n" in received) is (after == "body")
+    if after == "body":
+        header, _, partial = bytes(received).partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", header).group(1))  # type: ignore[union-attr]
+        assert 0 < len(partial) < length
+
+
+def test_reset_after_processing_flags_the_ticket(
+    sim: SimulatedMeetch, client: httpx.Client
+) -> None:
+    """processed=True: Meetch flagged the ticket, only the answer was lost; a retry replays."""
+    sim.reset_next(1, after="body", processed=True)
+
+    with pytest.raises(httpx.TransportError):
+        scan(client, "000001", "s-1")
+
+    assert sim.flagged == {"000001": "s-1"}
+    assert scan(client, "000001", "s-1").status_code == 200
+    assert [r.status for r in sim.requests] == [NO_ANSWER, 200]
+
+
+def test_stall_past_the_timeout_answers_nothing_and_flags_nothing(
+    sim: SimulatedMeetch, client: httpx.Client
+) -> None:
+    """A hung proxy: the client times out, the request is cut with status 0, nothing flagged."""
+    sim.stall_next(1, 0.3)
+
+    with pytest.raises(httpx.ReadTimeout):
+        client.post(
+            SCAN,
+            json={"number": "000001", "scanned_at": "2026-02-20T19:42:07Z", "scan_id": "s-1"},
+            headers={"Idempotency-Key": "s-1"},
+            timeout=0.05,
+        )
+
+    assert sim.wait_for(lambda: len(sim.requests) == 1, timeout=5)
+    assert [(r.status, r.fault) for r in sim.requests] == [(NO_ANSWER, "stall")]
+    assert sim.flagged == {}
+    assert scan(client, "000001", "s-1").status_code == 201
+
+
+def test_stall_then_close_without_a_byte(sim: SimulatedMeetch, client: httpx.Client) -> None:
+    """A client that waits longer sees the connection closed with no answer, after the stall."""
+    sim.stall_next(1, 0.1)
+    started = time.monotonic()
+
+    with pytest.raises(httpx.RemoteProtocolError):
+        scan(client, "000001", "s-1")
+
+    assert time.monotonic() - started >= 0.1
+    assert sim.flagged == {}
+
+
+def test_processed_stall_is_a_slow_meetch(sim: SimulatedMeetch, client: httpx.Client) -> None:
+    """processed=True: the answer comes after the stall, and flags; a client gone still flags."""
+    sim.stall_next(1, 0.1, processed=True)
+    started = time.monotonic()
+
+    response = scan(client, "000001", "s-1")
+
+    assert response.status_code == 201
+    assert time.monotonic() - started >= 0.1
+    sim.stall_next(1, 0.2, processed=True)
+    with pytest.raises(httpx.ReadTimeout):
+        client.post(
+            SCAN,
+            json={"number": "000002", "scanned_at": "2026-02-20T19:42:07Z", "scan_id": "s-2"},
+            headers={"Idempotency-Key": "s-2"},
+            timeout=0.05,
+        )
+    assert sim.wait_for(lambda: "000002" in sim.flagged, timeout=5)
+    assert [r.fault for r in sim.requests] == ["stall", "stall"]
+
+
+def test_stop_cuts_a_stall_short(sim: SimulatedMeetch, client: httpx.Client) -> None:
+    """A stalled request does not hold stop() up: it is cut, recorded with status 0."""
+    sim.stall_next(1, 60, processed=True)
+    errors: list[Exception] = []
+
+    def request() -> None:
+        try:
+            scan(client, "000001", "s-1")
+        except httpx.TransportError as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    assert sim.wait_for(lambda: sim.in_flight == 1, timeout=5)
+
+    sim.stop()
+    worker.join(timeout=10)
+
+    assert not worker.is_alive()
+    assert len(errors) == 1
+    assert [(r.status, r.fault) for r in sim.requests] == [(NO_ANSWER, "stall")]
+    assert sim.flagged == {}
+
+
+def test_garbled_answer_keeps_status_and_flags(sim: SimulatedMeetch, client: httpx.Client) -> None:
+    """Meetch flags the ticket, then its answer body is not JSON; the status stands."""
+    sim.garble_next(1, b'{"number": "0000')
+
+    response = scan(client, "000001", "s-1")
+
+    assert response.status_code == 201
+    assert response.headers["content-type"] == "application/json"
+    assert response.content == b'{"number": "0000'
+    with pytest.raises(json.JSONDecodeError):
+        response.json()
+    assert sim.flagged == {"000001": "s-1"}
+    assert [(r.status, r.fault) for r in sim.requests] == [(201, "garbled")]
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_huge_proxy_page_flags_nothing(
+    sim: SimulatedMeetch, client: httpx.Client, chunked: bool
+) -> None:
+    """A proxy's multi-megabyte page, chunked or with a length, is read whole; not flagged."""
+    sim.huge_next(1, 3 << 20, chunked=chunked)
+
+    response = scan(client, "000001", "s-1")
+
+    assert response.status_code == 502
+    assert len(response.content) == 3 << 20
+    assert response.content.startswith(b"<html>")
+    assert ("transfer-encoding" in response.headers) is chunked
+    assert ("content-length" in response.headers) is not chunked
+    assert sim.flagged == {}
+    assert [(r.status, r.fault) for r in sim.requests] == [(502, "huge")]
+
+
+def test_huge_meetch_answer_is_padded_json_and_flags(
+    sim: SimulatedMeetch, client: httpx.Client
+) -> None:
+    """processed=True: Meetch's own answer padded with white space, still JSON; flagged."""
+    sim.huge_next(1, 2 << 20, processed=True)
+
+    response = scan(client, "000001", "s-1")
+
+    assert response.status_code == 201
+    assert len(response.content) == 2 << 20
+    assert response.json() == {"number": "000001", "scan_id": "s-1", "flagged": True}
+    assert sim.flagged == {"000001": "s-1"}
+
+
+def test_huge_answer_abandoned_by_the_client(sim: SimulatedMeetch, client: httpx.Client) -> None:
+    """A client that reads 64 KiB of a huge answer and hangs up leaves the simulator serving."""
+    sim.huge_next(1, 8 << 20)
+    body = {"number": "000001", "scanned_at": "2026-02-20T19:42:07Z", "scan_id": "s-1"}
+
+    with client.stream("POST", SCAN, json=body, headers={"Idempotency-Key": "s-1"}) as response:
+        first = next(response.iter_bytes(64 << 10))
+
+    assert response.status_code == 502
+    assert first
+    assert scan(client, "000002", "s-2").status_code == 201
+    assert sim.flagged == {"000002": "s-2"}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda sim: sim.reset_next(1, after="trailers"),
+        lambda sim: sim.stall_next(1, -1),
+        lambda sim: sim.huge_next(1, -1),
+        lambda sim: sim.garble_next(-1),
+    ],
+)
+def test_fault_arguments_are_checked(sim: SimulatedMeetch, call: Any) -> None:
+    """Nonsense fault arguments are refused with ValueError, and nothing is queued."""
+    with pytest.raises(ValueError, match="must"):
+        call(sim)
+    assert sim.faults_pending == 0
 
 
 def test_latency_delays_every_answer(sim: SimulatedMeetch, client: httpx.Client) -> None:
