@@ -278,12 +278,15 @@ class Sender:
                 self._auth_failed_at = self._now()
                 self._set_state("auth_failed")
         elif outcome is Outcome.RETRY:
-            self.store.retry_later(item.scan_id, self.owner, answer.detail, answer.status)
             self._transient(item, answer)
+            self.store.retry_later(item.scan_id, self.owner, answer.detail, answer.status)
         else:
             state = outcome.value
             delivered_at = _wall_rfc3339() if outcome is Outcome.DELIVERED else None
             error = None if outcome is Outcome.DELIVERED else answer.detail
+            # Meetch answered: it is reachable, whatever becomes of our write below (and
+            # whoever sees the item finished sees the state already online).
+            self._reachable(item.scan_id)
             self.store.finish(
                 item.scan_id,
                 self.owner,
@@ -292,7 +295,6 @@ class Sender:
                 error=error,
                 delivered_at=delivered_at,
             )
-            self._reachable(item.scan_id)
             log_fn = log.warning if outcome is Outcome.REJECTED else log.info
             log_fn(
                 f"notification_{state}",

@@ -192,6 +192,7 @@ def test_a_few_failures_do_not_make_the_api_offline(
     queue(store, run.sender, "000002")
 
     wait_until(lambda: all_in(store, "delivered", 2))
+    wait_until(lambda: len(seen) == 4)  # on_attempt runs just after the store is updated
     assert [r.status for r in meetch.scan_requests] == [201, 500, 500, 201]
     assert seen == ["online"] * 4
     assert run.sender.api_state == "online"
@@ -256,7 +257,7 @@ def test_outage_with_a_single_pending_item_is_still_seen(
     wait_until(lambda: run.sender.api_state == "offline")
     meetch.go_online()
     wait_until(lambda: all_in(store, "delivered", 1))
-    assert run.sender.api_state == "online"
+    wait_until(lambda: run.sender.api_state == "online")  # set just after the store update
 
 
 def test_offline_sends_one_probe_at_a_time(
@@ -276,6 +277,7 @@ def test_offline_sends_one_probe_at_a_time(
     queue(store, run.sender, *tickets(12))
 
     wait_until(lambda: all_in(store, "delivered", 12))
+    wait_until(lambda: len(states) == 10 + 12)  # on_attempt runs just after the store update
     assert "offline" in states
     assert states[-1] == "online"
     received = sorted(r.at for r in meetch.scan_requests)
