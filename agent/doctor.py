@@ -35,9 +35,8 @@ from agent.clock import system_clock_synchronised
 from agent.config import API_KEY_ENV, ApiKey, Config, ScannerSettings, load_api_key
 from agent.errors import ConfigError, ScannerError, StoreError
 from agent.meetch import MeetchClient, Outcome
-from agent.runtime import read_runtime
 from agent.scanners.serial_port import describe_port_error, resolve_port
-from agent.status import ALARMS_KEY, daemon_lock_held
+from agent.status import daemon_lock_held, recent_alarms, store_health
 from agent.store import Store
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -90,15 +89,15 @@ def run_checks(
         with _guard(checks, "database"):
             store, check = _check_database(config)
             checks.append(check)
+        running = daemon_lock_held(config.agent.state_dir) is True
         with _guard(checks, "queue_writes"):
-            checks.append(_check_queue_writes(config, store))
+            checks.append(_check_queue_writes(config, store, running=running))
         with _guard(checks, "commit_latency"):
             checks.append(_check_commit_latency(config.agent.state_dir))
         with _guard(checks, "disk_space"):
             checks.append(_check_disk_space(config.agent.state_dir))
         with _guard(checks, "api"):
             checks.append(_check_api(config, key))
-        running = daemon_lock_held(config.agent.state_dir) is True
         for scanner in config.scanners:
             with _guard(checks, f"scanner {scanner.name}"):
                 checks.append(_check_scanner(scanner, store if running else None))
@@ -112,11 +111,10 @@ def run_checks(
     return [_tidy(c, key.value if key is not None else "") for c in checks]
 
 
-def _check_queue_writes(config: Config, store: Store | None) -> Check:
+def _check_queue_writes(config: Config, store: Store | None, *, running: bool) -> Check:
     """Is the running daemon committing scans, and was a damaged database salvaged lately?"""
-    running = daemon_lock_held(config.agent.state_dir) is True
-    health = read_runtime(config.agent.state_dir).get("store") if running else None
-    if isinstance(health, dict) and health.get("state", "ok") != "ok":
+    health = store_health(config, running=running)
+    if health.get("state", "ok") != "ok":
         return Check(
             "queue_writes",
             FAIL,
@@ -124,7 +122,7 @@ def _check_queue_writes(config: Config, store: Store | None) -> Check:
             f"{health.get('held', 0)} held in memory, {health.get('dropped', 0)} dropped",
             "free space in the state directory (df -h); held scans are written within a second",
         )
-    alarms = store.get_meta(ALARMS_KEY) if store is not None else None
+    alarms = recent_alarms(store, time.time()) if store is not None else []
     if alarms:
         return Check(
             "queue_writes",
@@ -132,7 +130,7 @@ def _check_queue_writes(config: Config, store: Store | None) -> Check:
             f"last alarm {alarms[-1].get('at')}: {alarms[-1].get('detail')}",
             "keep the .corrupt- file for analysis and plan to replace the SD card",
         )
-    dropped = health.get("dropped", 0) if isinstance(health, dict) else 0
+    dropped = health.get("dropped", 0)
     if dropped:
         return Check(
             "queue_writes",

@@ -58,7 +58,7 @@ def snapshot(
                 for s in config.scanners
             ],
             "daemon": {"running": bool(held), "pid": None, "heartbeat_at": None},
-            "store": {"state": "ok", "held": 0, "dropped": 0},
+            "store": store_health(config, running=False),
             "alarms": [],
             "database": str(config.db_path),
         }
@@ -97,13 +97,13 @@ def snapshot(
             "heartbeat_at": daemon.get("heartbeat_at"),
             "started_at": daemon.get("started_at") if running else None,
         },
-        "store": _store_health(config, running),
-        "alarms": _recent_alarms(store.get_meta(ALARMS_KEY) or [], now),
+        "store": store_health(config, running=running),
+        "alarms": recent_alarms(store, now),
         "database": str(config.db_path),
     }
 
 
-def _store_health(config: Config, running: bool) -> dict[str, Any]:
+def store_health(config: Config, *, running: bool) -> dict[str, Any]:
     """Is the daemon committing scans? From its runtime file, which a full disk can't stop."""
     health = read_runtime(config.agent.state_dir).get("store") if running else None
     if not isinstance(health, dict):
@@ -111,10 +111,10 @@ def _store_health(config: Config, running: bool) -> dict[str, Any]:
     return health
 
 
-def _recent_alarms(alarms: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+def recent_alarms(store: Store, now: float) -> list[dict[str, Any]]:
     """Alarms of the last ALARM_DAYS days (a salvaged database, for instance)."""
     recent = []
-    for alarm in alarms:
+    for alarm in store.get_meta(ALARMS_KEY) or []:
         try:
             at = datetime.fromisoformat(alarm["at"]).timestamp()
         except (KeyError, TypeError, ValueError):
